@@ -1,0 +1,183 @@
+"""spec + target -> IRModule -> compile -> export -> artifact, written atomically.
+
+Shape legend: T tokens (symbolic everywhere), E experts, El local experts, K top-k, Hp padded hidden,
+I intermediate per rank.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+import time
+from pathlib import Path
+from typing import Callable
+
+from . import __version__
+from .artifact import FORMAT_VERSION, MANIFEST, TOLERANCES, hash_files, save_tensor, weights_digest
+from .spec import MoESpec
+from .targets import TargetInfo, load_target
+
+GOLDEN_TOKENS = (1, 5, 33)
+GOLDEN_SEED = 20261126
+GOLDEN_WEIGHT_BUDGET = 4 << 30  # bytes of weights regenerated for golden data; larger specs skip it
+
+
+def expert_shapes(spec: MoESpec):
+    from .kernels.experts import ExpertShapes
+
+    return ExpertShapes(dtype=spec.dtype, local_experts=spec.local_experts, top_k=spec.top_k,
+                        hidden=spec.kernel_hidden, intermediate=spec.local_intermediate,
+                        activation=spec.activation, swiglu_alpha=spec.swiglu_alpha,
+                        swiglu_limit=spec.swiglu_limit, expert_bias=spec.expert_bias,
+                        weight_on_input=spec.router.apply_weight_on_input)
+
+
+def scheduled_module(spec: MoESpec, target: TargetInfo):
+    """Every function of the artifact, scheduled: routing, then dispatch/experts_up/experts_down/combine
+    per path. Returns (IRModule, [path dicts for the manifest])."""
+    import tvm
+
+    from .kernels import dispatch as kd
+    from .kernels import experts as ke
+    from .kernels import routing as kr
+    from .schedule import rules
+    from .schedule.config import fit_config, load_paths
+
+    rule = rules(target.family)
+    shapes = expert_shapes(spec)
+    funcs = {"routing": rule.routing(kr.routing_func(spec.num_experts, spec.top_k, spec.router), "routing")}
+    paths = []
+    for p in load_paths(target.family):
+        cfg = fit_config(p.experts, shapes)
+        bm = cfg.block_m
+        funcs[f"dispatch_{p.name}"] = rule.dispatch(
+            kd.dispatch_func(spec.num_experts, spec.local_experts, spec.top_k, bm), f"dispatch_{p.name}")
+        funcs[f"experts_up_{p.name}"] = rule.experts_up(
+            ke.experts_up_func(shapes, bm, cfg.block_n_up), f"experts_up_{p.name}", cfg)
+        funcs[f"experts_down_{p.name}"] = rule.experts_down(
+            ke.experts_down_func(shapes, bm, cfg.block_n_down), f"experts_down_{p.name}", cfg)
+        funcs[f"combine_{p.name}"] = rule.combine(ke.combine_func(shapes, bm), f"combine_{p.name}", cfg)
+        paths.append({"name": p.name, "max_tokens": p.max_tokens, "config": cfg.__dict__ | {}})
+    mod = tvm.IRModule({name: sch.mod[name] for name, sch in funcs.items()})
+    return mod, paths
+
+
+def describe_functions(mod) -> dict:
+    """Argument names, shapes (T symbolic) and dtypes of every exported function, for the manifest."""
+    out = {}
+    for gv, func in mod.functions.items():
+        args = []
+        for p in func.params:  # TVM 0.27: parameters are buffer-typed vars
+            args.append({"name": p.name, "shape": [str(s) for s in p.shape], "dtype": str(p.dtype)})
+        out[gv.name_hint] = args
+    return out
+
+
+def _runtime_libs(target: TargetInfo) -> list[Path]:
+    """TVM runtime libraries the artifact carries: CPU kernels use TVM's thread pool (T.parallel)."""
+    import tvm
+
+    libdir = Path(tvm.__file__).parent / "lib"
+    return [libdir / "libtvm_runtime.so"] if target.family == "cpu" else []
+
+
+def golden_data(spec: MoESpec, root: Path, tokens=GOLDEN_TOKENS, seed: int = GOLDEN_SEED) -> dict:
+    """Reference outputs for seeded weights and inputs, as ONNX TensorProto files under root/golden."""
+    import torch
+
+    from .reference import moe_ref, random_weights
+    from .spec import weights_contract
+
+    nbytes = sum(torch.Size(s).numel() * torch.tensor([], dtype=getattr(torch, d)).element_size()
+                 for s, d in weights_contract(spec).values())
+    if nbytes > GOLDEN_WEIGHT_BUDGET:
+        return {"skipped": f"weights are {nbytes / 2**30:.1f} GiB, over the golden budget of "
+                           f"{GOLDEN_WEIGHT_BUDGET / 2**30:.0f} GiB"}
+    weights = random_weights(spec, seed)
+    g = torch.Generator().manual_seed(seed + 1)
+    dt = getattr(torch, spec.dtype)
+    sets = []
+    for i, T in enumerate(tokens):
+        d = root / "golden" / f"test_data_set_{i}"
+        d.mkdir(parents=True)
+        x = torch.randn(T, spec.hidden_size, generator=g).to(dt)
+        logits = torch.randn(T, spec.num_experts, generator=g) * 2
+        ref = moe_ref(spec, weights, x, logits)
+        outs = list(ref) if isinstance(ref, tuple) else [ref]
+        save_tensor(x, d / "input_0.pb")
+        save_tensor(logits, d / "input_1.pb")
+        for j, o in enumerate(outs):
+            save_tensor(o, d / f"output_{j}.pb")
+        sets.append({"dir": f"golden/test_data_set_{i}", "tokens": T,
+                     "inputs": ["hidden_states", "router_logits"],
+                     "outputs": ["shared_out", "routed_out"] if len(outs) == 2 else ["routed_out"]})
+    return {"seed": seed, "weights": "moegen.reference.random_weights(spec, seed)",
+            "weights_sha256": weights_digest(weights), "tolerance": TOLERANCES[spec.dtype],
+            "metric": "relative L2 norm of the error", "sets": sets}
+
+
+def build(spec: MoESpec, target_name: str, out_root: Path, *, golden: bool = True,
+          progress: Callable[[str], None] = lambda msg: None) -> Path:
+    """Build the artifact at out_root/<spec.name>/<target_name> and return that path.
+
+    Everything is written into a temporary sibling directory first and renamed into place at the
+    end, so a failed build leaves nothing behind and a reader never sees a half-written artifact.
+    """
+    import tvm
+
+    target = load_target(target_name)
+    final = Path(out_root) / spec.name / target.name
+    final.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=final.parent))
+    tmp.chmod(0o755)  # mkdtemp makes it private; the artifact is meant to be shared
+    try:
+        t0 = time.perf_counter()
+        progress(f"[1/5] kernels: routing, dispatch, experts ({target.family} schedules)")
+        mod, paths = scheduled_module(spec, target)
+        progress(f"[2/5] compiling {len(mod.functions)} functions for {target.tvm}")
+        with tvm.target.Target(dict(target.tvm)):
+            ex = tvm.compile(mod, target=target.tvm_target())
+        progress("[3/5] exporting the shared library")
+        ex.export_library(str(tmp / "moe.so"))
+        runtime_libs = []
+        for lib in _runtime_libs(target):
+            shutil.copy2(lib, tmp / lib.name)
+            runtime_libs.append(lib.name)
+        progress("[4/5] golden data (reference outputs for seeded inputs)")
+        gold = golden_data(spec, tmp) if golden else {"skipped": "--no-golden"}
+        progress("[5/5] manifest")
+        manifest = {
+            "format_version": FORMAT_VERSION,
+            "moegen_version": __version__,
+            "tvm_version": tvm.__version__,
+            "spec": spec.to_dict(),
+            "spec_hash": spec.hash,
+            "target": {"name": target.name, "family": target.family, "tvm": target.tvm,
+                       "requires_cpu_flags": list(target.requires_cpu_flags)},
+            "library": "moe.so",
+            "runtime_libraries": runtime_libs,
+            "functions": describe_functions(mod),
+            "paths": paths,
+            "golden": gold,
+            "build_seconds": round(time.perf_counter() - t0, 2),
+            "files": hash_files(tmp),
+        }
+        (tmp / MANIFEST).write_text(json.dumps(manifest, indent=1))
+        _replace_dir(tmp, final)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return final
+
+
+def _replace_dir(new: Path, final: Path) -> None:
+    """Swap `new` into `final`: the old artifact (if any) stays whole until the new one is in place."""
+    old = None
+    if final.exists():
+        old = final.with_name(f".{final.name}.old-{os.getpid()}")
+        final.rename(old)
+    new.rename(final)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)

@@ -1,0 +1,71 @@
+"""Dispatch kernel: top-k ids -> per-expert counts, int64 padded offsets and the slots sorted by expert.
+Twin: `moegen.reference.dispatch_ref` (same buffers, same sentinels, same order).
+
+Shape legend: T tokens (symbolic), K top-k, S = T*K slots, E global experts, El local experts,
+BM rows per block, MB = ceil(S / BM) + El blocks at most, MP = MB * BM sorted rows.
+
+Each expert's rows start on a block boundary (the block-aligned sort of vLLM's moe_align_block_size),
+so the expert GEMMs see whole blocks of one expert. A slot whose expert is -1 in `expert_map` (owned
+by another EP rank) is left out: slot_pos -1. Padding rows hold the sentinel S.
+"""
+
+from __future__ import annotations
+
+from tvm.script import tirx as T
+
+from . import token_var
+
+
+def dispatch_func(num_experts: int, local_experts: int, top_k: int, block_m: int):
+    """PrimFunc `dispatch(topk_ids [T, K] i32, expert_map [E] i32, counts [El] i32, offsets [El+1] i64,
+    sorted_ids [MP] i32, block_expert [MB] i32, num_blocks [1] i32, slot_pos [T*K] i32)`."""
+    d_E, d_El, d_K, d_BM = num_experts, local_experts, top_k, block_m
+    tok = token_var()
+    n_slots = tok * d_K
+    n_blocks = (n_slots + (d_BM - 1)) // d_BM + d_El
+
+    @T.prim_func(s_tir=True)
+    def dispatch(ids_h: T.handle, map_h: T.handle, counts_h: T.handle, offsets_h: T.handle,
+                 sorted_h: T.handle, bexp_h: T.handle, nblk_h: T.handle, pos_h: T.handle):
+        T.func_attr({"tir.noalias": True})
+        topk_ids = T.match_buffer(ids_h, (tok, d_K), "int32")
+        expert_map = T.match_buffer(map_h, (d_E,), "int32")
+        counts = T.match_buffer(counts_h, (d_El,), "int32")
+        offsets = T.match_buffer(offsets_h, (d_El + 1,), "int64")
+        sorted_ids = T.match_buffer(sorted_h, (n_blocks * d_BM,), "int32")
+        block_expert = T.match_buffer(bexp_h, (n_blocks,), "int32")
+        num_blocks = T.match_buffer(nblk_h, (1,), "int32")
+        slot_pos = T.match_buffer(pos_h, (n_slots,), "int32")
+        with T.sblock("dispatch"):
+            T.reads(topk_ids[0:tok, 0:d_K], expert_map[0:d_E])
+            T.writes(counts[0:d_El], offsets[0:d_El + 1], sorted_ids[0:n_blocks * d_BM],
+                     block_expert[0:n_blocks], num_blocks[0], slot_pos[0:n_slots])
+            for e in range(d_El):
+                counts[e] = 0
+            for s in range(n_slots):
+                if expert_map[topk_ids[s // d_K, s % d_K]] >= 0:
+                    counts[expert_map[topk_ids[s // d_K, s % d_K]]] += 1
+            offsets[0] = T.int64(0)
+            for e in range(d_El):
+                offsets[e + 1] = offsets[e] + T.Cast("int64", (counts[e] + (d_BM - 1)) // d_BM * d_BM)
+            for r in range(n_blocks * d_BM):
+                sorted_ids[r] = T.Cast("int32", n_slots)
+            for b in range(n_blocks):
+                block_expert[b] = -1
+            for e in range(d_El):
+                for b in range(offsets[e] // d_BM, offsets[e + 1] // d_BM):
+                    block_expert[b] = e
+            num_blocks[0] = T.Cast("int32", offsets[d_El] // d_BM)
+            # second pass: counts double as per-expert cursors and end equal to the first pass
+            for e in range(d_El):
+                counts[e] = 0
+            for s in range(n_slots):
+                if expert_map[topk_ids[s // d_K, s % d_K]] >= 0:
+                    slot_pos[s] = T.Cast("int32", offsets[expert_map[topk_ids[s // d_K, s % d_K]]]
+                                         + T.Cast("int64", counts[expert_map[topk_ids[s // d_K, s % d_K]]]))
+                    sorted_ids[slot_pos[s]] = T.Cast("int32", s)
+                    counts[expert_map[topk_ids[s // d_K, s % d_K]]] += 1
+                else:
+                    slot_pos[s] = -1
+
+    return dispatch

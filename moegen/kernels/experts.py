@@ -1,0 +1,220 @@
+"""Expert kernels: two grouped GEMMs over the block-aligned sorted order (compute only).
+Twins: `moegen.reference.experts_up_ref` and `experts_down_ref`.
+
+Shape legend: T tokens (symbolic), K top-k, S = T*K slots, El local experts, Hp padded hidden,
+I intermediate per rank, N13 = 2I (gated) or I (relu2), BM rows per block, MB blocks at most
+(ceil(S / BM) + El), MP = MB * BM sorted rows, BN columns per weight tile, NT tiles.
+
+Weights arrive packed in column tiles (the runner packs once at load, see runtime/packing.py):
+    w13p [El, NT13, Hp, BN]  tile t, column c: gated -> gate column t*BN/2 + c for c < BN/2, else up
+                             column t*BN/2 + c - BN/2 (gate and up of one output column share a tile,
+                             so the activation fuses); relu2 -> column t*BN + c
+    w2p  [El, NT2, I, BN]    tile t, column c: hidden column t*BN + c
+Biases are packed the same way ([El, NT, BN]). Iterating tile-major (tiles outer, blocks inner) keeps
+one expert's weight tile hot in cache while every block of that expert reads it: weights cross memory
+once per forward, whatever the token count.
+
+experts_up:   act[r, :] = activation(x[token(r)] @ w13[e(r)].T + b13)                 [MP, I]
+experts_down: y[r, :]   = (act[r] @ w2[e(r)].T + b2) * weight(r)                       [MP, Hp] (scratch)
+              out[t, :] = sum_k y[slot_pos[t*K + k], :]  (slots of other EP ranks add 0)  [T, Hp]
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from tvm.script import tirx as T
+
+from . import token_var
+
+
+@dataclass(frozen=True)
+class ExpertShapes:
+    """Everything the expert kernels specialise on."""
+
+    dtype: str
+    local_experts: int  # El
+    top_k: int  # K
+    hidden: int  # Hp
+    intermediate: int  # I (per rank)
+    activation: str
+    swiglu_alpha: float
+    swiglu_limit: float
+    expert_bias: bool
+    weight_on_input: bool
+
+    @property
+    def gated(self) -> bool:
+        return self.activation != "relu2"
+
+    @property
+    def n13(self) -> int:
+        return (2 if self.gated else 1) * self.intermediate
+
+
+def _act(kind: str, g, u, alpha: float, limit: float):
+    """The activation on fp32 values (u is ignored for relu2)."""
+    if kind == "silu":
+        return g * T.sigmoid(g) * u
+    if kind == "gelu":
+        return T.float32(0.5) * g * (T.float32(1) + T.erf(g * T.float32(0.7071067811865476))) * u
+    if kind == "swigluoai":
+        gc = T.min(g, T.float32(limit))
+        uc = T.max(T.min(u, T.float32(limit)), T.float32(-limit))
+        return (uc + T.float32(1)) * gc * T.sigmoid(T.float32(alpha) * gc)
+    if kind == "relu2":
+        return T.max(g, T.float32(0)) * T.max(g, T.float32(0))
+    raise ValueError(kind)
+
+
+def experts_up_func(s: ExpertShapes, block_m: int, block_n: int):
+    """PrimFunc `experts_up(x [T, Hp], topk_weights [T, K] f32, sorted_ids [MP] i32, block_expert [MB] i32,
+    num_blocks [1] i32, w13p [El, NT13, Hp, BN], b13p [El, NT13, BN], act [MP, I])`."""
+    u_dt, u_El, u_K, u_H, u_I = s.dtype, s.local_experts, s.top_k, s.hidden, s.intermediate
+    u_BM, u_BN = block_m, block_n
+    u_gated, u_woi, u_bias = s.gated, s.weight_on_input, s.expert_bias
+    u_half = u_BN // 2 if u_gated else u_BN  # output columns per tile
+    u_NT = s.n13 // u_BN
+    u_act, u_alpha, u_limit = s.activation, s.swiglu_alpha, s.swiglu_limit
+    tok = token_var()
+    n_slots = tok * u_K
+    n_blocks = (n_slots + (u_BM - 1)) // u_BM + u_El
+
+    @T.prim_func(s_tir=True)
+    def experts_up(x_h: T.handle, tw_h: T.handle, sorted_h: T.handle, bexp_h: T.handle,
+                   nblk_h: T.handle, w_h: T.handle, b_h: T.handle, act_h: T.handle):
+        T.func_attr({"tir.noalias": True})
+        x = T.match_buffer(x_h, (tok, u_H), u_dt)
+        topk_weights = T.match_buffer(tw_h, (tok, u_K), "float32")
+        sorted_ids = T.match_buffer(sorted_h, (n_blocks * u_BM,), "int32")
+        block_expert = T.match_buffer(bexp_h, (n_blocks,), "int32")
+        num_blocks = T.match_buffer(nblk_h, (1,), "int32")
+        w13 = T.match_buffer(w_h, (u_El, u_NT, u_H, u_BN), u_dt)
+        b13 = T.match_buffer(b_h, (u_El, u_NT, u_BN), u_dt)
+        act = T.match_buffer(act_h, (n_blocks * u_BM, u_I), u_dt)
+        gu = T.sblock_alloc_buffer((n_blocks * u_BM, u_NT * u_BN), "float32")
+        for nt in range(u_NT):
+            for b in range(T.Cast("int64", num_blocks[0])):
+                for m, c, h in T.grid(u_BM, u_BN, u_H):
+                    with T.sblock("gemm"):
+                        vt = T.axis.spatial(u_NT, nt)
+                        vb = T.axis.spatial(n_blocks, b)
+                        vm, vc, vh = T.axis.remap("SSR", [m, c, h])
+                        with T.init():
+                            gu[vb * u_BM + vm, vt * u_BN + vc] = T.float32(0)
+                        if u_woi:
+                            gu[vb * u_BM + vm, vt * u_BN + vc] += (
+                                T.Cast("float32", x[T.min(T.Cast("int64", sorted_ids[vb * u_BM + vm]), n_slots - 1) // u_K, vh])
+                                * topk_weights[T.min(T.Cast("int64", sorted_ids[vb * u_BM + vm]), n_slots - 1) // u_K,
+                                               T.min(T.Cast("int64", sorted_ids[vb * u_BM + vm]), n_slots - 1) % u_K]
+                                * T.Cast("float32", w13[T.Cast("int64", block_expert[vb]), vt, vh, vc]))
+                        else:
+                            gu[vb * u_BM + vm, vt * u_BN + vc] += (
+                                T.Cast("float32", x[T.min(T.Cast("int64", sorted_ids[vb * u_BM + vm]), n_slots - 1) // u_K, vh])
+                                * T.Cast("float32", w13[T.Cast("int64", block_expert[vb]), vt, vh, vc]))
+                for m, c in T.grid(u_BM, u_half):
+                    with T.sblock("act"):
+                        vt = T.axis.spatial(u_NT, nt)
+                        vb = T.axis.spatial(n_blocks, b)
+                        vm, vc = T.axis.remap("SS", [m, c])
+                        if u_gated:
+                            act[vb * u_BM + vm, vt * u_half + vc] = T.Cast(u_dt, _act(
+                                u_act,
+                                gu[vb * u_BM + vm, vt * u_BN + vc]
+                                + T.if_then_else(u_bias, T.Cast("float32", b13[T.Cast("int64", block_expert[vb]), vt, vc]), T.float32(0)),
+                                gu[vb * u_BM + vm, vt * u_BN + u_half + vc]
+                                + T.if_then_else(u_bias, T.Cast("float32", b13[T.Cast("int64", block_expert[vb]), vt, u_half + vc]), T.float32(0)),
+                                u_alpha, u_limit))
+                        else:
+                            act[vb * u_BM + vm, vt * u_half + vc] = T.Cast(u_dt, _act(
+                                u_act,
+                                gu[vb * u_BM + vm, vt * u_BN + vc]
+                                + T.if_then_else(u_bias, T.Cast("float32", b13[T.Cast("int64", block_expert[vb]), vt, vc]), T.float32(0)),
+                                None, u_alpha, u_limit))
+
+    return experts_up
+
+
+def experts_down_func(s: ExpertShapes, block_m: int, block_n: int):
+    """PrimFunc `experts_down(act [MP, I], topk_weights [T, K] f32, sorted_ids [MP] i32, block_expert [MB] i32,
+    num_blocks [1] i32, w2p [El, NT2, I, BN], b2p [El, NT2, BN], y [MP, Hp] f32)`: weighted rows, sorted order."""
+    d_dt, d_El, d_K, d_H, d_I = s.dtype, s.local_experts, s.top_k, s.hidden, s.intermediate
+    d_BM, d_BN = block_m, block_n
+    d_NT = d_H // d_BN
+    d_woi, d_bias = s.weight_on_input, s.expert_bias
+    tok = token_var()
+    n_slots = tok * d_K
+    n_blocks = (n_slots + (d_BM - 1)) // d_BM + d_El
+
+    @T.prim_func(s_tir=True)
+    def experts_down(act_h: T.handle, tw_h: T.handle, sorted_h: T.handle, bexp_h: T.handle, nblk_h: T.handle,
+                     w_h: T.handle, b_h: T.handle, y_h: T.handle):
+        T.func_attr({"tir.noalias": True})
+        act = T.match_buffer(act_h, (n_blocks * d_BM, d_I), d_dt)
+        topk_weights = T.match_buffer(tw_h, (tok, d_K), "float32")
+        sorted_ids = T.match_buffer(sorted_h, (n_blocks * d_BM,), "int32")
+        block_expert = T.match_buffer(bexp_h, (n_blocks,), "int32")
+        num_blocks = T.match_buffer(nblk_h, (1,), "int32")
+        w2 = T.match_buffer(w_h, (d_El, d_NT, d_I, d_BN), d_dt)
+        b2 = T.match_buffer(b_h, (d_El, d_NT, d_BN), d_dt)
+        y = T.match_buffer(y_h, (n_blocks * d_BM, d_H), "float32")
+        ysum = T.sblock_alloc_buffer((n_blocks * d_BM, d_H), "float32")
+        for nt in range(d_NT):
+            for b in range(T.Cast("int64", num_blocks[0])):
+                for m, c, i in T.grid(d_BM, d_BN, d_I):
+                    with T.sblock("gemm"):
+                        vt = T.axis.spatial(d_NT, nt)
+                        vb = T.axis.spatial(n_blocks, b)
+                        vm, vc, vi = T.axis.remap("SSR", [m, c, i])
+                        with T.init():
+                            ysum[vb * d_BM + vm, vt * d_BN + vc] = T.float32(0)
+                        ysum[vb * d_BM + vm, vt * d_BN + vc] += (
+                            T.Cast("float32", act[vb * d_BM + vm, vi])
+                            * T.Cast("float32", w2[T.Cast("int64", block_expert[vb]), vt, vi, vc]))
+                for m, c in T.grid(d_BM, d_BN):
+                    with T.sblock("scale"):
+                        vt = T.axis.spatial(d_NT, nt)
+                        vb = T.axis.spatial(n_blocks, b)
+                        vm, vc = T.axis.remap("SS", [m, c])
+                        y[vb * d_BM + vm, vt * d_BN + vc] = (
+                            ysum[vb * d_BM + vm, vt * d_BN + vc]
+                            + T.if_then_else(d_bias, T.Cast("float32", b2[T.Cast("int64", block_expert[vb]), vt, vc]), T.float32(0))
+                        ) * T.if_then_else(
+                            d_woi, T.float32(1),
+                            topk_weights[T.min(T.Cast("int64", sorted_ids[vb * d_BM + vm]), n_slots - 1) // d_K,
+                                         T.min(T.Cast("int64", sorted_ids[vb * d_BM + vm]), n_slots - 1) % d_K])
+
+    return experts_down
+
+
+def combine_func(s: ExpertShapes, block_m: int):
+    """PrimFunc `combine(y [MP, Hp] f32, slot_pos [T*K] i32, out [T, Hp])`: out[t] = sum over k of the
+    row of slot t*K+k (0 for a slot another EP rank owns). A function of its own: every token needs
+    every block of the down GEMM done (a grid-wide dependency on a GPU)."""
+    d_dt, d_El, d_K, d_H, d_BM = s.dtype, s.local_experts, s.top_k, s.hidden, block_m
+    tok = token_var()
+    n_slots = tok * d_K
+    n_blocks = (n_slots + (d_BM - 1)) // d_BM + d_El
+
+    @T.prim_func(s_tir=True)
+    def combine(y_h: T.handle, pos_h: T.handle, out_h: T.handle):
+        T.func_attr({"tir.noalias": True})
+        y = T.match_buffer(y_h, (n_blocks * d_BM, d_H), "float32")
+        slot_pos = T.match_buffer(pos_h, (n_slots,), "int32")
+        out = T.match_buffer(out_h, (tok, d_H), d_dt)
+        osum = T.sblock_alloc_buffer((tok, d_H), "float32")
+        for t, n, k in T.grid(tok, d_H, d_K):
+            with T.sblock("combine"):
+                vt, vn, vk = T.axis.remap("SSR", [t, n, k])
+                with T.init():
+                    osum[vt, vn] = T.float32(0)
+                osum[vt, vn] += T.if_then_else(
+                    slot_pos[vt * d_K + vk] >= 0,
+                    y[T.max(T.Cast("int64", slot_pos[vt * d_K + vk]), T.int64(0)), vn], T.float32(0))
+        for t, n in T.grid(tok, d_H):
+            with T.sblock("store"):
+                vt, vn = T.axis.remap("SS", [t, n])
+                out[vt, vn] = T.Cast(d_dt, osum[vt, vn])
+
+
+    return combine

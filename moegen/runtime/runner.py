@@ -1,0 +1,306 @@
+"""MoERunner: runs one MoE layer from an artifact with the semantics of vLLM's MoERunnerBase.
+Imports tvm_ffi and torch only (through loader.py), never apache-tvm.
+
+Shape legend: T tokens, E experts, El local experts, K top-k, H hidden, Hr routed width (L or H),
+Hp padded hidden (kernel width), I intermediate per rank, Is shared intermediate,
+MB blocks at most = ceil(T*K / BM) + El, MP = MB * BM sorted rows.
+
+Forward (seed: shared/seed/moe_runner_base.txt):
+  1. routed-input transform (latent_proj): routed experts see [T, L], shared experts [T, H]
+  2. pad the routed input to Hp with zeros
+  3. gate (when the runner holds one): router logits in fp32
+  4-7. kernels: routing -> dispatch -> experts_up -> experts_down -> combine (all router options,
+       activations, biases and routing weights are computed there)
+  8. shared experts (dense MLP in torch), before the routed experts (NO_OVERLAP)
+  9. truncate to the original widths; all-reduce over the TP/EP group when asked
+ 10. return routed, or (shared, routed)
+Every buffer comes from torch's allocator on the input's device; nothing synchronises with the host.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from ..spec import OPTIONAL_WEIGHTS, MoESpec, spec_from_dict, weights_contract
+from . import packing
+from .loader import load_artifact
+
+
+class RunnerInputError(ValueError):
+    """A tensor the runner cannot take: says which argument, what it got and what it needs."""
+
+
+def pick_path(paths: list[dict], num_tokens: int) -> dict:
+    """Token count -> path (the bucket function): the first path whose max_tokens admits T."""
+    for p in paths:
+        if p["max_tokens"] is None or num_tokens <= p["max_tokens"]:
+            return p
+    raise AssertionError("the last path has no token limit")
+
+
+def expert_map(spec: MoESpec, ep_rank: int) -> torch.Tensor:
+    """[E] global expert -> local index on `ep_rank`, -1 where another rank owns it (vLLM's expert_map)."""
+    E, ep = spec.num_experts, spec.parallel.ep_size
+    El = E // ep
+    e = torch.arange(E)
+    if spec.parallel.expert_placement == "linear":
+        owner, local = e // El, e % El
+    else:
+        owner, local = e % ep, e // ep
+    return torch.where(owner == ep_rank, local, -1).to(torch.int32)
+
+
+def _activation(gu: torch.Tensor, spec: MoESpec) -> torch.Tensor:
+    """Shared-expert activation in torch (the shared MLP is a dense layer: torch's GEMMs serve it)."""
+    if spec.activation == "relu2":
+        return torch.relu(gu).square()
+    g, u = gu.chunk(2, dim=-1)
+    if spec.activation == "silu":
+        return F.silu(g) * u
+    if spec.activation == "gelu":
+        return F.gelu(g) * u
+    g = g.clamp(max=spec.swiglu_limit)
+    u = u.clamp(-spec.swiglu_limit, spec.swiglu_limit)
+    return (u + 1) * g * torch.sigmoid(spec.swiglu_alpha * g)
+
+
+class MoERunner:
+    """One MoE layer on one rank. Build with `MoERunner.load(artifact_dir, weights, device=...)`."""
+
+    def __init__(self, root: Path, manifest: dict, module, weights: dict[str, torch.Tensor],
+                 device: torch.device, *, tp_rank: int = 0, ep_rank: int = 0, reduce_results: bool = True,
+                 process_group=None):
+        self.root, self.manifest, self.module, self.device = root, manifest, module, device
+        self.spec = spec = spec_from_dict(manifest["spec"])
+        self.tp_rank, self.ep_rank = tp_rank, ep_rank
+        self.reduce_results, self.process_group = reduce_results, process_group
+        self.dtype = getattr(torch, spec.dtype)
+        self.paths = manifest["paths"]
+        self._fns = {name: module[name] for name in manifest["functions"]}
+        self._pack(weights)
+
+    # ---- loading ---------------------------------------------------------------------------
+
+    @classmethod
+    def load(cls, path, weights: dict[str, torch.Tensor], device="cpu", *, tp_rank: int = 0, ep_rank: int = 0,
+             reduce_results: bool = True, process_group=None) -> "MoERunner":
+        """Check the artifact (hashes, format, device) and the weights, then pack the weights once.
+
+        `weights` follows the weights contract (moegen.spec.weights_contract) in vLLM layout, either full
+        (every expert, the whole intermediate width: this rank keeps its TP/EP shard) or already cut to
+        this rank's shard. Optional `gate` [E, Hr] (+ `gate_bias` [E]) makes the runner compute the
+        router logits itself. The caller's tensors are never modified.
+        """
+        device = torch.device(device)
+        manifest, module = load_artifact(path, device)
+        return cls(Path(path), manifest, module, weights, device, tp_rank=tp_rank, ep_rank=ep_rank,
+                   reduce_results=reduce_results, process_group=process_group)
+
+    def _check_weights(self, weights: dict[str, torch.Tensor]) -> bool:
+        """Validate names, shapes and dtypes; return True when the weights are already this rank's shard."""
+        spec = self.spec
+        full = weights_contract(spec)
+        shard = weights_contract(spec, sharded=True)
+        allowed = set(full) | set(OPTIONAL_WEIGHTS)
+        unknown = sorted(set(weights) - allowed)
+        if unknown:
+            raise RunnerInputError(f"weights: unknown names {unknown}; this spec takes {sorted(allowed)}")
+        missing = sorted(set(full) - set(weights))
+        if missing:
+            raise RunnerInputError(f"weights: missing {missing} (required by the spec)")
+        if "gate_bias" in weights and "gate" not in weights:
+            raise RunnerInputError("weights: 'gate_bias' given without 'gate'")
+        is_shard = None
+        for name, t in weights.items():
+            if not isinstance(t, torch.Tensor):
+                raise RunnerInputError(f"weights[{name!r}]: expected a torch.Tensor, got {type(t).__name__}")
+            if name in full:
+                fshape, dt = full[name]
+                sshape = shard[name][0]
+            else:
+                fshape, dt = OPTIONAL_WEIGHTS[name](spec)
+                sshape = fshape
+            if str(t.dtype).removeprefix("torch.") != dt:
+                raise RunnerInputError(f"weights[{name!r}]: dtype {t.dtype}, expected torch.{dt}")
+            shape = tuple(t.shape)
+            if shape == fshape and shape == sshape:
+                continue
+            this = True if shape == sshape else False if shape == fshape else None
+            if this is None:
+                want = f"{fshape}" + (f" (full) or {sshape} (this rank's shard)" if sshape != fshape else "")
+                raise RunnerInputError(f"weights[{name!r}]: shape {shape}, expected {want}")
+            if is_shard is not None and this != is_shard:
+                raise RunnerInputError(f"weights[{name!r}]: mixes full and sharded weights; give all of one kind")
+            is_shard = this
+        return bool(is_shard)
+
+    def _shard(self, weights: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """Keep this rank's experts (EP) and slice of the intermediate width (TP)."""
+        spec = self.spec
+        I, Il, tp = spec.intermediate_size, spec.local_intermediate, spec.parallel.tp_size
+        out = dict(weights)
+        if spec.parallel.ep_size > 1:
+            emap = expert_map(spec, self.ep_rank)
+            mine = torch.nonzero(emap >= 0).flatten()
+            mine = mine[emap[mine].argsort()]  # local order
+            for n in ("w13", "w2", "w13_bias", "w2_bias"):
+                if n in out:
+                    out[n] = out[n][mine]
+        if tp > 1:
+            r = self.tp_rank
+            cols = slice(r * Il, (r + 1) * Il)
+
+            def rows13(t):  # gate rows then up rows: take this rank's slice of each
+                if not spec.gated:
+                    return t[:, cols]
+                return torch.cat([t[:, cols], t[:, I + r * Il: I + (r + 1) * Il]], 1)
+
+            out["w13"] = rows13(out["w13"])
+            out["w2"] = out["w2"][:, :, cols]
+            if "w13_bias" in out:
+                out["w13_bias"] = rows13(out["w13_bias"])
+            if "w2_bias" in out and r != 0:  # the bias is added once, before the TP all-reduce
+                out["w2_bias"] = torch.zeros_like(out["w2_bias"])
+            if spec.shared_experts is not None:
+                Is = spec.shared_experts.intermediate_size
+                Isl = Is // tp
+                sc = slice(r * Isl, (r + 1) * Isl)
+                sw = out["shared_w13"]
+                out["shared_w13"] = torch.cat([sw[sc], sw[Is + r * Isl: Is + (r + 1) * Isl]]) if spec.gated else sw[sc]
+                out["shared_w2"] = out["shared_w2"][:, sc]
+        return out
+
+    def _pack(self, weights: dict[str, torch.Tensor]) -> None:
+        spec, dev, dt = self.spec, self.device, self.dtype
+        if not self._check_weights(weights):
+            weights = self._shard(weights)
+        El, Hr, Hp = spec.local_experts, spec.routed_width, spec.kernel_hidden
+        pad = Hp - Hr
+        w13 = F.pad(weights["w13"].to(dev), (0, pad))  # [El, N13, Hp]
+        w2 = F.pad(weights["w2"].to(dev), (0, 0, 0, pad))  # [El, Hp, I]
+        b13 = weights["w13_bias"].to(dev) if spec.expert_bias else torch.zeros(El, w13.shape[1], dtype=dt, device=dev)
+        b2 = F.pad(weights["w2_bias"].to(dev), (0, pad)) if spec.expert_bias else torch.zeros(El, Hp, dtype=dt, device=dev)
+        self._packed = {}
+        for p in self.paths:
+            c = p["config"]
+            key = (c["block_n_up"], c["block_n_down"])
+            if key not in self._packed:
+                self._packed[key] = (packing.pack_w13(w13, c["block_n_up"], spec.gated),
+                                     packing.pack_b13(b13, c["block_n_up"], spec.gated),
+                                     packing.pack_w2(w2, c["block_n_down"]), packing.pack_b2(b2, c["block_n_down"]))
+        self.expert_map = expert_map(spec, self.ep_rank).to(dev)
+        bias = weights.get("e_score_correction_bias")
+        self.correction_bias = (bias.to(dev, torch.float32) if bias is not None
+                                else torch.zeros(spec.num_experts, dtype=torch.float32, device=dev))
+        self.gate = weights["gate"].to(dev) if "gate" in weights else None
+        self.gate_bias = weights["gate_bias"].to(dev) if "gate_bias" in weights else None
+        self.latent_proj = weights["latent_proj"].to(dev) if spec.latent_size is not None else None
+        if spec.shared_experts is not None:
+            self.shared_w13 = weights["shared_w13"].to(dev)
+            self.shared_w2 = weights["shared_w2"].to(dev)
+            self.shared_gate = weights["shared_gate"].to(dev) if spec.shared_experts.gate == "sigmoid" else None
+
+    # ---- forward ---------------------------------------------------------------------------
+
+    def _check_inputs(self, hidden_states, router_logits) -> None:
+        spec = self.spec
+        if not isinstance(hidden_states, torch.Tensor):
+            raise RunnerInputError(f"hidden_states: expected a torch.Tensor, got {type(hidden_states).__name__}")
+        if hidden_states.dim() != 2 or hidden_states.shape[1] != spec.hidden_size:
+            raise RunnerInputError(f"hidden_states: shape {tuple(hidden_states.shape)}, expected [T, {spec.hidden_size}]")
+        if hidden_states.dtype != self.dtype:
+            raise RunnerInputError(f"hidden_states: dtype {hidden_states.dtype}, expected {self.dtype}")
+        if hidden_states.device != self.device:
+            raise RunnerInputError(f"hidden_states: on {hidden_states.device}, the runner is on {self.device}")
+        if router_logits is None:
+            if self.gate is None:
+                raise RunnerInputError("router_logits: None, but the runner holds no 'gate' weight to compute them")
+            return
+        if not isinstance(router_logits, torch.Tensor):
+            raise RunnerInputError(f"router_logits: expected a torch.Tensor, got {type(router_logits).__name__}")
+        T = hidden_states.shape[0]
+        if tuple(router_logits.shape) != (T, spec.num_experts):
+            raise RunnerInputError(f"router_logits: shape {tuple(router_logits.shape)}, expected [{T}, {spec.num_experts}]")
+        if not router_logits.is_floating_point():
+            raise RunnerInputError(f"router_logits: dtype {router_logits.dtype}, expected a floating dtype")
+        if router_logits.device != self.device:
+            raise RunnerInputError(f"router_logits: on {router_logits.device}, the runner is on {self.device}")
+
+    def __call__(self, hidden_states: torch.Tensor, router_logits: torch.Tensor | None = None):
+        return self.forward(hidden_states, router_logits)
+
+    def forward(self, hidden_states: torch.Tensor, router_logits: torch.Tensor | None = None):
+        """hidden_states [T, H] (spec dtype), router_logits [T, E] (any float dtype; None when the runner
+        holds the gate). Returns routed [T, Hr], or (shared [T, H], routed [T, Hr]) with shared experts."""
+        self._check_inputs(hidden_states, router_logits)
+        spec = self.spec
+        x = hidden_states.contiguous()
+        xr = F.linear(x, self.latent_proj) if self.latent_proj is not None else x  # [T, Hr]
+        if self.gate is not None:  # the runner holds the gate: logits of the routed input, in fp32
+            router_logits = F.linear(xr.float(), self.gate.float(),
+                                     None if self.gate_bias is None else self.gate_bias.float())
+        logits = router_logits.to(torch.float32).contiguous()  # [T, E]
+        shared = self._shared(x) if spec.shared_experts is not None else None  # NO_OVERLAP: before routed
+        Hr, Hp = spec.routed_width, spec.kernel_hidden
+        xp = F.pad(xr, (0, Hp - Hr)) if Hp != Hr else xr  # [T, Hp]
+        T = x.shape[0]
+        step = spec.max_chunk_tokens
+        if T <= step:
+            routed = self._routed(xp, logits)
+        else:
+            routed = torch.cat([self._routed(xp[s:s + step], logits[s:s + step]) for s in range(0, T, step)])
+        routed = self._maybe_reduce(routed[..., :Hr])
+        if shared is None:
+            return routed
+        return self._maybe_reduce(shared), routed
+
+    def _maybe_reduce(self, t: torch.Tensor) -> torch.Tensor:
+        """All-reduce over the TP/EP group, as the seed's _maybe_reduce_output (issue 4 grows this)."""
+        p = self.spec.parallel
+        if self.reduce_results and not p.sequence_parallel and p.tp_size * p.ep_size > 1:
+            import torch.distributed as dist
+
+            if dist.is_available() and dist.is_initialized():
+                dist.all_reduce(t, group=self.process_group)
+        return t
+
+    def _shared(self, x: torch.Tensor) -> torch.Tensor:
+        y = F.linear(_activation(F.linear(x, self.shared_w13), self.spec), self.shared_w2)  # [T, H]
+        if self.shared_gate is not None:
+            y = y * torch.sigmoid(F.linear(x, self.shared_gate))
+        return y
+
+    def _routed(self, xp: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
+        """xp [T, Hp], logits [T, E] fp32 -> [T, Hp]: the five kernels, buffers from torch."""
+        spec, dev = self.spec, self.device
+        T, K, E, El, Hp, I = xp.shape[0], spec.top_k, spec.num_experts, spec.local_experts, spec.kernel_hidden, spec.local_intermediate
+        if T == 0:  # tvm-ffi refuses zero-size tensors; an empty batch has an empty answer
+            return xp.new_zeros(0, Hp)
+        path = pick_path(self.paths, T)
+        c, name = path["config"], path["name"]
+        BM = c["block_m"]
+        MB = -(-T * K // BM) + El
+        w13, b13, w2, b2 = self._packed[(c["block_n_up"], c["block_n_down"])]
+        i32 = dict(dtype=torch.int32, device=dev)
+        ids = torch.empty(T, K, **i32)
+        tw = torch.empty(T, K, dtype=torch.float32, device=dev)
+        counts = torch.empty(El, **i32)
+        offsets = torch.empty(El + 1, dtype=torch.int64, device=dev)
+        sorted_ids = torch.empty(MB * BM, **i32)
+        block_expert = torch.empty(MB, **i32)
+        num_blocks = torch.empty(1, **i32)
+        slot_pos = torch.empty(T * K, **i32)
+        act = torch.empty(MB * BM, I, dtype=self.dtype, device=dev)
+        y = torch.empty(MB * BM, Hp, dtype=torch.float32, device=dev)
+        out = torch.empty(T, Hp, dtype=self.dtype, device=dev)
+        xp = xp.contiguous()
+        f = self._fns
+        f["routing"](logits, self.correction_bias, ids, tw)
+        f[f"dispatch_{name}"](ids, self.expert_map, counts, offsets, sorted_ids, block_expert, num_blocks, slot_pos)
+        f[f"experts_up_{name}"](xp, tw, sorted_ids, block_expert, num_blocks, w13, b13, act)
+        f[f"experts_down_{name}"](act, tw, sorted_ids, block_expert, num_blocks, w2, b2, y)
+        f[f"combine_{name}"](y, slot_pos, out)
+        return out

@@ -1,0 +1,77 @@
+"""CPU schedule rules: parallel over cores, vectorized over weight-tile columns, register tiles.
+
+Shape legend: T tokens, K top-k, Hp padded hidden, I intermediate, BM x BN register tile.
+Each rule is `apply(func, target, config) -> Schedule`; tile sizes come only from `config`.
+"""
+
+from __future__ import annotations
+
+import tvm
+from tvm import s_tir
+
+from .config import ExpertsConfig
+
+
+def _schedule(func, name: str) -> s_tir.Schedule:
+    return s_tir.Schedule(tvm.IRModule({name: func.with_attr("global_symbol", name)}))
+
+
+def routing(func, name: str) -> s_tir.Schedule:
+    """One token per iteration, tokens spread over cores."""
+    sch = _schedule(func, name)
+    (t,) = sch.get_loops(sch.get_sblock("route", func_name=name))
+    sch.parallel(t)
+    return sch
+
+
+def dispatch(func, name: str) -> s_tir.Schedule:
+    """Serial: S = T*K integer updates are microseconds, and the scatter order must stay stable."""
+    return _schedule(func, name)
+
+
+def _gemm_tile(sch: s_tir.Schedule, name: str, gemm: str, epilogue: str) -> None:
+    """Tile-major GEMM: weight tiles over cores; per block a BM x BN accumulator kept in registers,
+    reduction outermost inside the block so each weight row is loaded once for BM rows."""
+    g = sch.get_sblock(gemm, func_name=name)
+    nt, b, m, c, r = sch.get_loops(g)
+    sch.reorder(r, m, c)
+    ep = sch.get_sblock(epilogue, func_name=name)  # already under the block loop: the accumulator
+    # tile's allocation lands there and compacts to BM x BN
+    sch.set_scope(g, 0, "local")
+    sch.parallel(nt)
+    sch.vectorize(c)
+    sch.unroll(m)
+    sch.decompose_reduction(g, r)
+    ep_loops = sch.get_loops(ep)
+    sch.vectorize(ep_loops[-1])
+
+
+def experts_up(func, name: str, cfg: ExpertsConfig) -> s_tir.Schedule:
+    sch = _schedule(func, name)
+    _gemm_tile(sch, name, "gemm", "act")
+    return sch
+
+
+def experts_down(func, name: str, cfg: ExpertsConfig) -> s_tir.Schedule:
+    sch = _schedule(func, name)
+    _gemm_tile(sch, name, "gemm", "scale")
+    return sch
+
+
+def combine(func, name: str, cfg: ExpertsConfig) -> s_tir.Schedule:
+    sch = _schedule(func, name)
+    # combine: out[t, n-tile] = sum over K rows of y; tokens x column tiles over cores
+    st = sch.get_sblock("store", func_name=name)
+    t, n = sch.get_loops(st)
+    no, ni = sch.split(n, [None, cfg.combine_n])
+    cb = sch.get_sblock("combine", func_name=name)
+    sch.compute_at(cb, no)
+    sch.set_scope(cb, 0, "local")
+    tc, noc, nc, k = sch.get_loops(cb)
+    sch.reorder(k, nc)
+    # vectorize and parallelize before decompose_reduction (shared/TVM-NOTES.md)
+    sch.vectorize(nc)
+    sch.vectorize(ni)
+    sch.parallel(sch.fuse(t, no))
+    sch.decompose_reduction(cb, k)
+    return sch
