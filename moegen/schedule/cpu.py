@@ -67,11 +67,13 @@ def combine(func, name: str, cfg: ExpertsConfig) -> s_tir.Schedule:
     cb = sch.get_sblock("combine", func_name=name)
     sch.compute_at(cb, no)
     sch.set_scope(cb, 0, "local")
-    tc, noc, nc, k = sch.get_loops(cb)
-    sch.reorder(k, nc)
+    inner = sch.get_loops(cb)[2:]  # [n, k], or [n] when K == 1 (a unit loop is dropped)
+    nc, k = (inner[0], inner[1]) if len(inner) == 2 else (inner[0], None)
+    if k is not None:
+        sch.reorder(k, nc)
     # vectorize and parallelize before decompose_reduction (shared/TVM-NOTES.md)
     sch.vectorize(nc)
     sch.vectorize(ni)
     sch.parallel(sch.fuse(t, no))
-    sch.decompose_reduction(cb, k)
+    sch.decompose_reduction(cb, k if k is not None else nc)
     return sch

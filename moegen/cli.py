@@ -1,0 +1,153 @@
+"""The `moegen` command: build, verify, inspect, bench.
+
+Exit codes: 0 success; 1 a verification found a mismatch; 2 bad input (spec field, target, artifact,
+option), with one line on stderr naming what is wrong and what is allowed.
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+from pathlib import Path
+
+import click
+
+from .artifact import ArtifactError
+from .spec import SpecError
+
+
+def _fail(msg: str, code: int = 2):
+    click.echo(f"error: {msg}", err=True)
+    sys.exit(code)
+
+
+def _token_list(value: str) -> list[int]:
+    try:
+        tokens = [int(t) for t in value.split(",") if t.strip()]
+    except ValueError:
+        raise click.BadParameter(f"{value!r}: expected comma-separated integers >= 0, e.g. 1,7,129") from None
+    if not tokens or any(t < 0 for t in tokens):
+        raise click.BadParameter(f"{value!r}: expected comma-separated integers >= 0, e.g. 1,7,129")
+    return tokens
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(package_name="moegen")
+def main():
+    """moegen: ahead-of-time Mixture-of-Experts layers.
+
+    \b
+    moegen build spec.yaml --target cpu-avx512 -o artifacts/
+    moegen verify artifacts/<name>/cpu-avx512
+    moegen inspect artifacts/<name>/cpu-avx512
+    """
+
+
+@main.command()
+@click.argument("spec_path", metavar="SPEC", type=click.Path(dir_okay=False))
+@click.option("--target", "-t", required=True, help="A target from targets/ (cpu-avx512, cpu-x86-64-v3, ...).")
+@click.option("--out", "-o", "out_dir", default="artifacts", show_default=True, type=click.Path(file_okay=False),
+              help="Artifacts root: the build writes <out>/<spec name>/<target>/.")
+@click.option("--no-golden", is_flag=True, help="Skip golden data (reference outputs) in the artifact.")
+def build(spec_path, target, out_dir, no_golden):
+    """Build SPEC for a target into an artifact directory (written atomically)."""
+    from .spec import load_spec
+    from .targets import available_targets
+
+    try:
+        spec = load_spec(spec_path)
+    except SpecError as e:
+        _fail(str(e))
+    if target not in available_targets():
+        _fail(f"option '--target': got {target!r}; allowed: {' | '.join(available_targets())}")
+    from .build import build as do_build
+
+    t0 = time.perf_counter()
+    click.echo(f"building {spec.name} (spec {spec.hash}) for {target}")
+    path = do_build(spec, target, Path(out_dir), golden=not no_golden,
+                    progress=lambda m: click.echo(f"  {m}  ({time.perf_counter() - t0:.1f} s)"))
+    click.echo(f"wrote {path} in {time.perf_counter() - t0:.1f} s")
+
+
+@main.command()
+@click.argument("artifact", type=click.Path(file_okay=False))
+@click.option("--tokens", default="1,7,129", show_default=True, callback=lambda c, p, v: _token_list(v),
+              help="Token counts for fresh random inputs against the reference.")
+@click.option("--seed", default=0, show_default=True, help="Seed of the fresh random inputs.")
+@click.option("--no-golden", is_flag=True, help="Skip the artifact's golden vectors.")
+def verify(artifact, tokens, seed, no_golden):
+    """Check an artifact: its golden vectors, then fresh random inputs against the PyTorch reference.
+
+    Prints the relative error per case against the dtype's tolerance; exits 1 on any mismatch.
+    """
+    from .verify import verify_artifact
+
+    try:
+        ok = verify_artifact(Path(artifact), tokens, seed=seed, golden=not no_golden, echo=click.echo)
+    except (ArtifactError, SpecError) as e:
+        _fail(str(e))
+    if not ok:
+        click.echo("FAILED: at least one case is over tolerance", err=True)
+        sys.exit(1)
+    click.echo("all cases within tolerance")
+
+
+@main.command()
+@click.argument("artifact", type=click.Path(file_okay=False))
+def inspect(artifact):
+    """Show what an artifact holds: spec, target, functions, schedule configs, files, golden data."""
+    from .artifact import read_manifest
+
+    try:
+        m = read_manifest(Path(artifact))
+    except ArtifactError as e:
+        _fail(str(e))
+    s = m["spec"]
+    click.echo(f"{s['name']}  spec {m['spec_hash']}  target {m['target']['name']} {m['target']['tvm']}")
+    click.echo(f"  built by moegen {m['moegen_version']} with TVM {m['tvm_version']} in {m.get('build_seconds')} s")
+    click.echo(f"  E={s['num_experts']} K={s['top_k']} H={s['hidden_size']} I={s['intermediate_size']} "
+               f"dtype={s['dtype']} activation={s['activation']} router={s['router']}")
+    if s.get("shared_experts"):
+        click.echo(f"  shared experts: {s['shared_experts']}")
+    if s.get("latent_size"):
+        click.echo(f"  latent size: {s['latent_size']}")
+    click.echo("paths (picked by token count):")
+    for p in m["paths"]:
+        click.echo(f"  {p['name']:<8} T <= {p['max_tokens'] if p['max_tokens'] is not None else 'any':<5} {p['config']}")
+    click.echo("functions:")
+    for name, args in m["functions"].items():
+        sig = ", ".join(f"{a['name']}[{','.join(a['shape'])}]:{a['dtype']}" for a in args)
+        click.echo(f"  {name}({sig})")
+    click.echo("files:")
+    root = Path(artifact)
+    for rel, h in m["files"].items():
+        click.echo(f"  {rel:<40} {(root / rel).stat().st_size:>10} B  sha256 {h[:12]}")
+    g = m.get("golden", {})
+    if "sets" in g:
+        click.echo(f"golden: seed {g['seed']}, tokens {[x['tokens'] for x in g['sets']]}, tolerance {g['tolerance']}")
+    else:
+        click.echo(f"golden: none ({g.get('skipped', 'not recorded')})")
+
+
+@main.command()
+@click.option("--target", "-t", default="cpu-avx512", show_default=True, help="Target to benchmark.")
+@click.option("--shapes", default="mixtral-8x7b,qwen3-30b-a3b,gpt-oss-20b", show_default=True,
+              help="Comma-separated example specs (examples/specs/<name>.yaml).")
+@click.option("--tokens", default="1,16,128", show_default=True, callback=lambda c, p, v: _token_list(v))
+@click.option("--out", "-o", "out_dir", default="artifacts", show_default=True, type=click.Path(file_okay=False),
+              help="Where the benchmarked artifacts are built (reused when the spec is unchanged).")
+@click.option("--json", "json_path", type=click.Path(dir_okay=False), help="Also write the rows as JSON.")
+@click.option("--repeats", default=5, show_default=True, help="Timed runs per contender (median reported).")
+def bench(target, shapes, tokens, out_dir, json_path, repeats):
+    """Time moegen against the eager PyTorch loop, with the floor measured in the same run."""
+    from .bench import run_bench
+
+    try:
+        run_bench(target, [s for s in shapes.split(",") if s], tokens, Path(out_dir), json_path=json_path,
+                  repeats=repeats, echo=click.echo)
+    except (ArtifactError, SpecError) as e:
+        _fail(str(e))
+
+
+if __name__ == "__main__":
+    main()
