@@ -64,6 +64,19 @@ def scheduled_module(spec: MoESpec, target: TargetInfo):
     return mod, paths
 
 
+def compile_module(mod, target: TargetInfo):
+    """tvm.compile with the lowering pipeline the target family's schedules need."""
+    import tvm
+
+    pipeline = "default"
+    if target.family == "cpu":
+        from .schedule.lowering import register
+
+        pipeline = register()
+    with tvm.target.Target(dict(target.tvm)):  # CUDA builds read the arch from Target.current()
+        return tvm.compile(mod, target=target.tvm_target(), tir_pipeline=pipeline)
+
+
 def describe_functions(mod) -> dict:
     """Argument names, shapes (T symbolic) and dtypes of every exported function, for the manifest."""
     out = {}
@@ -137,8 +150,7 @@ def build(spec: MoESpec, target_name: str, out_root: Path, *, golden: bool = Tru
         progress(f"[1/5] kernels: routing, dispatch, experts ({target.family} schedules)")
         mod, paths = scheduled_module(spec, target)
         progress(f"[2/5] compiling {len(mod.functions)} functions for {target.tvm}")
-        with tvm.target.Target(dict(target.tvm)):
-            ex = tvm.compile(mod, target=target.tvm_target())
+        ex = compile_module(mod, target)
         progress("[3/5] exporting the shared library")
         ex.export_library(str(tmp / "moe.so"))
         runtime_libs = []

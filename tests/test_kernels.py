@@ -20,6 +20,7 @@ import tvm_ffi
 from conftest import DEFAULT_TARGET
 from moegen import reference as R
 from moegen.artifact import TOLERANCES
+from moegen.build import compile_module
 from moegen.kernels.dispatch import dispatch_func
 from moegen.kernels.experts import ExpertShapes, combine_func, experts_down_func, experts_up_func
 from moegen.kernels.routing import routing_func
@@ -37,8 +38,7 @@ PATHS = load_paths("cpu")
 def compile_one(func, name: str, schedule, *args):
     """Schedule one function with the CPU rule and compile it for the native CPU target."""
     sch = schedule(func, name, *args)
-    target = load_target(DEFAULT_TARGET)
-    ex = tvm.compile(tvm.IRModule({name: sch.mod[name]}), target=target.tvm_target())
+    ex = compile_module(tvm.IRModule({name: sch.mod[name]}), load_target(DEFAULT_TARGET))
     return ex[name]
 
 

@@ -41,9 +41,13 @@ def _gemm_tile(sch: s_tir.Schedule, name: str, gemm: str, epilogue: str) -> None
     sch.parallel(nt)
     sch.vectorize(c)
     sch.unroll(m)
-    sch.decompose_reduction(g, r)
-    ep_loops = sch.get_loops(ep)
-    sch.vectorize(ep_loops[-1])
+    init = sch.decompose_reduction(g, r)
+    # every access to the tile at a constant index (rows unrolled, columns vectors), so LLVM keeps the
+    # tile in registers instead of memory
+    for blk in (init, ep):
+        *_, rows, cols = sch.get_loops(blk)
+        sch.unroll(rows)
+        sch.vectorize(cols)
 
 
 def experts_up(func, name: str, cfg: ExpertsConfig) -> s_tir.Schedule:
