@@ -59,6 +59,17 @@ def read_manifest(root: Path, *, check_hashes: bool = True) -> dict:
     for key in ("spec", "spec_hash", "target", "functions", "files", "paths", "library"):
         if key not in m:
             raise ArtifactError(f"{mpath}: corrupt manifest (no '{key}')")
+    from .spec import SpecError, spec_from_dict
+
+    try:
+        spec_hash = spec_from_dict(m["spec"]).hash
+    except SpecError as e:
+        raise ArtifactError(f"{mpath}: corrupt manifest (its spec is invalid: {e})") from None
+    if spec_hash != m["spec_hash"]:
+        raise ArtifactError(f"{mpath}: the spec does not match its hash {m['spec_hash']} (edited manifest; rebuild)")
+    unlisted = [f for f in [m["library"], *m.get("runtime_libraries", [])] if f not in m["files"]]
+    if unlisted:
+        raise ArtifactError(f"{mpath}: corrupt manifest ({unlisted} not among the hashed files)")
     if check_hashes:
         for rel, want in m["files"].items():
             p = root / rel

@@ -142,6 +142,7 @@ def build(spec: MoESpec, target_name: str, out_root: Path, *, golden: bool = Tru
 
     target = load_target(target_name)
     final = Path(out_root) / spec.name / target.name
+    made_parent = not final.parent.exists()
     final.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=final.parent))
     tmp.chmod(0o755)  # mkdtemp makes it private; the artifact is meant to be shared
@@ -180,6 +181,8 @@ def build(spec: MoESpec, target_name: str, out_root: Path, *, golden: bool = Tru
         _replace_dir(tmp, final)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
+        if made_parent and not any(final.parent.iterdir()):
+            final.parent.rmdir()
         raise
     return final
 

@@ -1,7 +1,8 @@
 """The `moegen` command: build, verify, inspect, bench.
 
 Exit codes: 0 success; 1 a verification found a mismatch; 2 bad input (spec field, target, artifact,
-option), with one line on stderr naming what is wrong and what is allowed.
+option), with one line on stderr naming what is wrong and what is allowed; 3 an internal error (a bug:
+one line on stderr, the traceback with MOEGEN_DEBUG=1).
 """
 
 from __future__ import annotations
@@ -19,6 +20,15 @@ from .spec import SpecError
 def _fail(msg: str, code: int = 2):
     click.echo(f"error: {msg}", err=True)
     sys.exit(code)
+
+
+def _internal(e: Exception):
+    """An error no input explains: exit 3 (1 means a verification mismatch)."""
+    import os
+
+    if os.environ.get("MOEGEN_DEBUG"):
+        raise e
+    _fail(f"internal error: {type(e).__name__}: {e} (rerun with MOEGEN_DEBUG=1 for the traceback)", 3)
 
 
 def _token_list(value: str) -> list[int]:
@@ -64,8 +74,13 @@ def build(spec_path, target, out_dir, no_golden):
 
     t0 = time.perf_counter()
     click.echo(f"building {spec.name} (spec {spec.hash}) for {target}")
-    path = do_build(spec, target, Path(out_dir), golden=not no_golden,
-                    progress=lambda m: click.echo(f"  {m}  ({time.perf_counter() - t0:.1f} s)"))
+    try:
+        path = do_build(spec, target, Path(out_dir), golden=not no_golden,
+                        progress=lambda m: click.echo(f"  {m}  ({time.perf_counter() - t0:.1f} s)"))
+    except (ArtifactError, SpecError) as e:
+        _fail(str(e))
+    except Exception as e:  # noqa: BLE001 - one line, exit 3
+        _internal(e)
     click.echo(f"wrote {path} in {time.perf_counter() - t0:.1f} s")
 
 
@@ -86,6 +101,8 @@ def verify(artifact, tokens, seed, no_golden):
         ok = verify_artifact(Path(artifact), tokens, seed=seed, golden=not no_golden, echo=click.echo)
     except (ArtifactError, SpecError) as e:
         _fail(str(e))
+    except Exception as e:  # noqa: BLE001 - one line, exit 3
+        _internal(e)
     if not ok:
         click.echo("FAILED: at least one case is over tolerance", err=True)
         sys.exit(1)

@@ -170,7 +170,11 @@ def moe_ref(spec: MoESpec, weights: dict[str, torch.Tensor], hidden_states: torc
     nothing numerically here), gate when `weights` holds one, routing, experts, shared experts, truncation.
     """
     x = hidden_states.float()  # [T, H]
-    xr = x @ weights["latent_proj"].float().T if spec.latent_size is not None else x  # [T, Hr]
+    xr = x  # [T, Hr]
+    if spec.latent_size is not None:
+        # The routed-input transform is a linear layer of the model: its output (what the gate and the
+        # routed experts see) is a tensor of the model's dtype, as in vLLM.
+        xr = (x @ weights["latent_proj"].float().T).to(hidden_states.dtype).float()
     if "gate" in weights:
         router_logits = xr @ weights["gate"].float().T
         if "gate_bias" in weights:

@@ -42,6 +42,28 @@ def check_device(manifest: dict, device: torch.device) -> None:
         raise ArtifactError(f"artifact target family {tgt['family']!r} is not supported by this runner")
 
 
+def _installed_twin(path: Path) -> Path:
+    """The same library from an installed apache-tvm, when there is one with identical bytes.
+
+    Two copies of libtvm_runtime in one process register the same global functions and abort it; by
+    loading the installed file, a later `import tvm` (a build after a load) reuses the loaded copy.
+    Found without importing tvm."""
+    import importlib.util
+
+    from ..artifact import sha256_file
+
+    try:
+        spec = importlib.util.find_spec("tvm")
+    except (ImportError, ValueError):  # a blocked or broken apache-tvm: use the artifact's copy
+        return path
+    if spec is None or spec.origin is None:
+        return path
+    twin = Path(spec.origin).parent / "lib" / path.name
+    if twin.is_file() and sha256_file(twin) == sha256_file(path):
+        return twin
+    return path
+
+
 def _load_runtime_library(path: Path) -> None:
     """TVM's runtime provides the thread pool behind T.parallel; without it tvm-ffi crashes on such
     kernels (shared/TVM-NOTES.md). Load it once per process, RTLD_GLOBAL, unless TVM is already here."""
@@ -49,6 +71,7 @@ def _load_runtime_library(path: Path) -> None:
 
     if path.name in _RUNTIME_LIBS or tvm_ffi.get_global_func("runtime.NumThreads", allow_missing=True):
         return
+    path = _installed_twin(path)
     # TVM's pool defaults to half the hardware threads and pins its workers, which lands them on the
     # cores torch's OpenMP workers are pinned to: both halve the bandwidth (measured on this 2-core box).
     os.environ.setdefault("TVM_NUM_THREADS", str(torch.get_num_threads()))
