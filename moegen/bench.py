@@ -39,15 +39,23 @@ from .reference import activation_ref, route_ref
 from .spec import MoESpec, SpecError, load_spec, weights_contract
 from .targets import load_target
 
-SPECS_DIR = Path(__file__).resolve().parents[1] / "examples" / "specs"
+REPO = Path(__file__).resolve().parents[1]
+SPECS_DIR = REPO / "examples" / "specs"
+# what an artifact is built from: a newer file here makes bench rebuild rather than reuse
+BUILD_INPUTS = ("moegen/build.py", "moegen/kernels", "moegen/schedule", "moegen/targets.py", "schedules", "targets")
 
 COPY_BYTES = 512 << 20  # the copy ceiling's source tensor: far larger than any cache level
 GEMM_SIZE = 2048  # the GEMM ceiling's M = N = K: large enough to reach the CPU's bf16 peak
-CEILING_TRIES = 5  # ceilings report the best of this many timed runs (after one warm-up)
+CEILING_TRIES = 10  # best of this many timed runs (after one warm-up): rides out bursts of a shared box
 WARMUPS = 2  # untimed calls per contender and cell before the `repeats` timed ones
 WEIGHTS_SEED = 0
 INPUTS_SEED = 1
 BIAS_STD = 0.1  # biases (and correction bias): as moegen.reference.random_weights
+FLUSH_LLC_MULTIPLE = 2  # the cache flush writes this many times the last-level cache before each call
+FLUSH_DEFAULT_BYTES = 512 << 20  # ... or this much when sysfs does not say how large that cache is
+FLUSH_SETTLE_S = 0.01  # pause after the flush: torch's OpenMP workers spin a while after a parallel region
+#                       and would compete with the next contender's threads (TVM's pool) on 2 cores
+BUSY_LOAD = 0.25  # load average per CPU above which the run warns that the box is shared
 PER_EXPERT = ("w13", "w2", "w13_bias", "w2_bias")  # contract names whose first dim is E
 
 
@@ -195,12 +203,42 @@ def cpu_contenders(spec, weights, runner) -> dict[str, Callable]:
 CONTENDERS: dict[str, Callable[..., dict[str, Callable]]] = {"cpu": cpu_contenders}
 
 
-def _time_us(fn: Callable[[], object], repeats: int) -> float:
-    """Median wall time in µs of `repeats` calls after WARMUPS untimed ones (CPU: calls are synchronous)."""
+def last_level_cache_bytes() -> int | None:
+    """Size of the largest CPU cache (Linux sysfs), None when unknown."""
+    sizes = []
+    for f in Path("/sys/devices/system/cpu/cpu0/cache").glob("index*/size"):
+        try:
+            v = f.read_text().strip()
+            sizes.append(int(v[:-1]) << {"K": 10, "M": 20, "G": 30}[v[-1]] if v[-1] in "KMG" else int(v))
+        except (OSError, ValueError):
+            pass
+    return max(sizes) if sizes else None
+
+
+class CacheFlush:
+    """Evicts the weights from the CPU caches before each timed call: a real decode step reaches a layer
+    after every other layer's weights went through the cache, and this box's L3 (260 MiB) would otherwise
+    hold a whole T=1 working set of Qwen3 or gpt-oss and time it above the DRAM floor."""
+
+    def __init__(self):
+        llc = last_level_cache_bytes()
+        self.nbytes = FLUSH_LLC_MULTIPLE * llc if llc else FLUSH_DEFAULT_BYTES
+        self.buf = torch.zeros(self.nbytes, dtype=torch.uint8)
+
+    def __call__(self) -> None:
+        self.buf.add_(1)  # read + write every line: evicts whatever was cached before
+        time.sleep(FLUSH_SETTLE_S)
+
+
+def _time_us(fn: Callable[[], object], repeats: int, flush: Callable[[], None] = lambda: None) -> float:
+    """Median wall time in µs of `repeats` calls after WARMUPS untimed ones (CPU: calls are synchronous);
+    `flush` runs, untimed, before every call."""
     for _ in range(WARMUPS):
+        flush()
         fn()
     times = []
     for _ in range(repeats):
+        flush()
         t0 = time.perf_counter()
         fn()
         times.append(time.perf_counter() - t0)
@@ -220,8 +258,9 @@ def rel_err(got, want) -> float:
 # ---- artifacts ---------------------------------------------------------------------------------
 
 
-def _stale_reason(spec: MoESpec, target, manifest: dict) -> str | None:
-    """None when an existing artifact was built from this spec, with this TVM and today's schedules."""
+def _stale_reason(spec: MoESpec, target, path: Path, manifest: dict) -> str | None:
+    """None when the artifact at `path` was built from this spec, with this TVM and today's schedules,
+    after the last change to any source of the build (kernels, schedules, lowering, targets)."""
     import tvm
 
     from .build import expert_shapes
@@ -236,16 +275,23 @@ def _stale_reason(spec: MoESpec, target, manifest: dict) -> str | None:
             for p in load_paths(target.family)]
     if manifest["paths"] != want:
         return f"schedules/{target.family}.yaml changed"
+    built = (path / "manifest.json").stat().st_mtime
+    for src in BUILD_INPUTS:
+        root = REPO / src
+        for f in sorted(root.rglob("*")) if root.is_dir() else [root] if root.is_file() else []:
+            if f.suffix in (".py", ".yaml") and f.stat().st_mtime > built:
+                return f"{f.relative_to(REPO)} is newer than the artifact"
     return None
 
 
 def ensure_artifact(spec: MoESpec, target, out_dir: Path, echo: Callable[[str], None]) -> tuple[Path, bool]:
-    """out_dir/<spec>/<target>, reused when up to date (spec hash, TVM version, path configs), else built
-    without golden data (real-size golden weights would dominate the run). Returns (path, reused)."""
+    """out_dir/<spec>/<target>, reused when up to date (spec hash, TVM version, path configs, no newer build
+    source), else built without golden data (real-size golden weights would dominate the run).
+    Returns (path, reused)."""
     path = Path(out_dir) / spec.name / target.name
     if (path / "manifest.json").exists():
         try:
-            why = _stale_reason(spec, target, read_manifest(path))
+            why = _stale_reason(spec, target, path, read_manifest(path))
         except ArtifactError as e:
             why = str(e)
         if why is None:
@@ -274,6 +320,14 @@ def _spec_for(name: str) -> MoESpec:
 # ---- report ------------------------------------------------------------------------------------
 
 
+def _tvm_pool_threads() -> int | None:
+    """Threads of the TVM pool that runs moegen's CPU kernels (None when no TVM runtime is loaded)."""
+    import tvm_ffi
+
+    f = tvm_ffi.get_global_func("runtime.NumThreads", allow_missing=True)
+    return int(f()) if f is not None else None
+
+
 def machine_info() -> dict:
     model = "unknown"
     try:
@@ -288,7 +342,8 @@ def machine_info() -> dict:
     return {"date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
             "cpu_model": model, "cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads(),
             "tvm_num_threads": os.environ.get("TVM_NUM_THREADS"), "torch": torch.__version__,
-            "python": platform.python_version(), "moegen": __version__}
+            "python": platform.python_version(), "moegen": __version__,
+            "loadavg_1min_at_start": os.getloadavg()[0]}
 
 
 def format_table(rows: list[dict], contenders: list[str]) -> str:
@@ -302,14 +357,19 @@ def format_table(rows: list[dict], contenders: list[str]) -> str:
                      + [f"{us[c]:.0f}" for c in base] + [f"{us['moegen']:.0f}", f"{r['moegen_pct_of_floor']:.0f}%"]
                      + [f"{r['speedup'][c]:.2f}×" for c in base]
                      + ["-" if r["rel_err"] is None else f"{r['rel_err']:.1e}"])
-    widths = [max(len(h), *(len(l[i]) for l in lines)) for i, h in enumerate(head)]
-    fmt = lambda cells: "  ".join(c.ljust(w) if i < 3 else c.rjust(w) for i, (c, w) in enumerate(zip(cells, widths)))  # noqa: E731
-    return "\n".join([fmt(head), fmt(["-" * w for w in widths])] + [fmt(l) for l in lines])
+    table = [head, None] + lines  # None: the rule under the header
+    widths = [max(len(cells[i]) for cells in table if cells) for i in range(len(head))]
+
+    def fmt(cells):  # text columns (shape, T, path) left, numbers right
+        return "  ".join(c.ljust(w) if i < 3 else c.rjust(w) for i, (c, w) in enumerate(zip(cells, widths)))
+
+    return "\n".join(fmt(cells) if cells else fmt(["-" * w for w in widths]) for cells in table)
 
 
 def _ceilings_line(c: dict) -> str:
-    return (f"ceilings: copy {c['copy_bytes_per_s'] / 1e9:.1f} GB/s (read + written, {c['copy_tensor_bytes'] >> 20} MiB), "
-            f"bf16 GEMM {c['gemm_flops_per_s'] / 1e9:.0f} GFLOP/s ({c['gemm_size']}³), {c['threads']} threads")
+    return (f"ceilings: copy {c['copy_bytes_per_s'] / 1e9:.1f} GB/s (read + written, "
+            f"{c['copy_tensor_bytes'] >> 20} MiB), bf16 GEMM {c['gemm_flops_per_s'] / 1e9:.0f} GFLOP/s "
+            f"({c['gemm_size']}³), {c['threads']} threads")
 
 
 # ---- the run -----------------------------------------------------------------------------------
@@ -336,11 +396,19 @@ def run_bench(target: str, shapes: list[str], tokens: list[int], out_dir: Path, 
         if spec.parallel.tp_size * spec.parallel.ep_size > 1:
             raise SpecError("parallel", f"{spec.name}: tp {spec.parallel.tp_size} ep {spec.parallel.ep_size}",
                             "tp_size = ep_size = 1 (bench times one unsharded layer)")
+    load = os.getloadavg()[0]
+    if load > BUSY_LOAD * (os.cpu_count() or 1):
+        echo(f"warning: load average {load:.2f} on {os.cpu_count()} CPUs before the run: another job shares "
+             "them, and a parallel region whose thread is descheduled waits a whole time slice (ms), so "
+             "every number (eager most) will be off; run on a quiet machine")
     echo(f"measuring ceilings ({torch.get_num_threads()} threads)")
     ceilings = measure_ceilings()
     echo(_ceilings_line(ceilings))
+    flush = CacheFlush()
+    echo(f"timing: median of {repeats} calls after {WARMUPS} warm-ups, caches flushed before each call "
+         f"({flush.nbytes >> 20} MiB written)")
     report = {"target": tgt.name, "ceilings": ceilings, "machine": machine_info(), "repeats": repeats,
-              "warmups": WARMUPS, "shapes": {}, "rows": []}
+              "warmups": WARMUPS, "cache_flush_bytes": flush.nbytes, "shapes": {}, "rows": []}
     rows: list[dict] = report["rows"]
     names: list[str] = []
 
@@ -360,6 +428,7 @@ def run_bench(target: str, shapes: list[str], tokens: list[int], out_dir: Path, 
         t0 = time.perf_counter()
         runner = MoERunner.load(path, weights, device="cpu")
         load_s = time.perf_counter() - t0
+        report["machine"]["tvm_pool_threads"] = _tvm_pool_threads()
         echo(f"  weights {nbytes / 2**30:.2f} GiB generated in {gen_s:.1f} s; runner loaded in {load_s:.1f} s")
         report["shapes"][spec.name] = {"artifact": str(path), "reused": reused, "spec_hash": spec.hash,
                                        "weights_bytes": nbytes, "weights_seconds": round(gen_s, 2),
@@ -374,7 +443,7 @@ def run_bench(target: str, shapes: list[str], tokens: list[int], out_dir: Path, 
                 continue
             x, logits = bench_inputs(spec, T, seed=INPUTS_SEED + T)
             outs = {n: fn(x, logits) for n, fn in contenders.items()}  # one call each, to compare
-            us = {n: _time_us(lambda fn=fn: fn(x, logits), repeats) for n, fn in contenders.items()}
+            us = {n: _time_us(lambda fn=fn: fn(x, logits), repeats, flush) for n, fn in contenders.items()}
             ids, _ = route_ref(logits, spec.router, spec.top_k, weights.get("e_score_correction_bias"))
             b, fl = floor_terms(spec, ids)
             floor_us = max(b / ceilings["copy_bytes_per_s"], fl / ceilings["gemm_flops_per_s"]) * 1e6
@@ -389,6 +458,7 @@ def run_bench(target: str, shapes: list[str], tokens: list[int], out_dir: Path, 
         dump()
         del contenders, runner, weights, outs
         gc.collect()  # Mixtral's weights and packed copies: give them back before the next shape
+    report["machine"]["loadavg_1min_at_end"] = os.getloadavg()[0]
     dump()
     echo("")
     echo(_ceilings_line(ceilings))

@@ -158,7 +158,7 @@ def build(spec: MoESpec, target_name: str, out_root: Path, *, golden: bool = Tru
         for lib in _runtime_libs(target):
             shutil.copy2(lib, tmp / lib.name)
             runtime_libs.append(lib.name)
-        progress("[4/5] golden data (reference outputs for seeded inputs)")
+        progress("[4/5] golden data (reference outputs for seeded inputs)" if golden else "[4/5] golden data skipped")
         gold = golden_data(spec, tmp) if golden else {"skipped": "--no-golden"}
         progress("[5/5] manifest")
         manifest = {

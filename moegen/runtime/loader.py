@@ -69,13 +69,14 @@ def _load_runtime_library(path: Path) -> None:
     kernels (shared/TVM-NOTES.md). Load it once per process, RTLD_GLOBAL, unless TVM is already here."""
     import tvm_ffi
 
+    # TVM's pool defaults to half the hardware threads and pins its workers, which lands them on the
+    # cores torch's OpenMP workers are pinned to: both halve the bandwidth (measured on this 2-core box).
+    # The pool reads these at its first parallel kernel, so they count even when TVM is already loaded.
+    os.environ.setdefault("TVM_NUM_THREADS", str(torch.get_num_threads()))
+    os.environ.setdefault("TVM_BIND_THREADS", "0")
     if path.name in _RUNTIME_LIBS or tvm_ffi.get_global_func("runtime.NumThreads", allow_missing=True):
         return
     path = _installed_twin(path)
-    # TVM's pool defaults to half the hardware threads and pins its workers, which lands them on the
-    # cores torch's OpenMP workers are pinned to: both halve the bandwidth (measured on this 2-core box).
-    os.environ.setdefault("TVM_NUM_THREADS", str(torch.get_num_threads()))
-    os.environ.setdefault("TVM_BIND_THREADS", "0")
     _RUNTIME_LIBS[path.name] = ctypes.CDLL(str(path), ctypes.RTLD_GLOBAL)
 
 

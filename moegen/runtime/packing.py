@@ -10,14 +10,20 @@ import torch
 
 
 def pack_w13(w13: torch.Tensor, block_n: int, gated: bool) -> torch.Tensor:
-    """[E, N13, Hp] -> [E, N13/BN, Hp, BN]; gated tiles hold BN/2 gate columns then the matching up ones."""
+    """[E, N13, Hp] -> [E, N13/BN, Hp, BN]; gated tiles hold BN/2 gate columns then the matching up ones.
+    Packs expert by expert into one new tensor: peak memory is the packed copy plus one expert."""
     E, N, H = w13.shape
-    if gated:
-        I, half = N // 2, block_n // 2
-        tiles = torch.cat([w13[:, :I].reshape(E, I // half, half, H), w13[:, I:].reshape(E, I // half, half, H)], 2)
-    else:
-        tiles = w13.reshape(E, N // block_n, block_n, H)
-    return tiles.transpose(2, 3).contiguous()
+    out = torch.empty(E, N // block_n, H, block_n, dtype=w13.dtype, device=w13.device)
+    half = block_n // 2
+    for e in range(E):
+        if gated:
+            I = N // 2
+            gate, up = w13[e, :I].reshape(I // half, half, H), w13[e, I:].reshape(I // half, half, H)
+            out[e, :, :, :half] = gate.transpose(1, 2)
+            out[e, :, :, half:] = up.transpose(1, 2)
+        else:
+            out[e] = w13[e].reshape(N // block_n, block_n, H).transpose(1, 2)
+    return out
 
 
 def pack_b13(b13: torch.Tensor, block_n: int, gated: bool) -> torch.Tensor:
@@ -26,9 +32,12 @@ def pack_b13(b13: torch.Tensor, block_n: int, gated: bool) -> torch.Tensor:
 
 
 def pack_w2(w2: torch.Tensor, block_n: int) -> torch.Tensor:
-    """[E, Hp, I] -> [E, Hp/BN, I, BN]."""
+    """[E, Hp, I] -> [E, Hp/BN, I, BN], expert by expert."""
     E, H, I = w2.shape
-    return w2.reshape(E, H // block_n, block_n, I).transpose(2, 3).contiguous()
+    out = torch.empty(E, H // block_n, I, block_n, dtype=w2.dtype, device=w2.device)
+    for e in range(E):
+        out[e] = w2[e].reshape(H // block_n, block_n, I).transpose(1, 2)
+    return out
 
 
 def pack_b2(b2: torch.Tensor, block_n: int) -> torch.Tensor:

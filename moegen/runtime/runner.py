@@ -179,8 +179,10 @@ class MoERunner:
             weights = self._shard(weights)
         El, Hr, Hp = spec.local_experts, spec.routed_width, spec.kernel_hidden
         pad = Hp - Hr
-        w13 = F.pad(weights["w13"].to(dev), (0, pad))  # [El, N13, Hp]
-        w2 = F.pad(weights["w2"].to(dev), (0, 0, 0, pad))  # [El, Hp, I]
+        w13 = weights["w13"].to(dev)  # [El, N13, Hp] after padding
+        w2 = weights["w2"].to(dev)  # [El, Hp, I] after padding
+        if pad:
+            w13, w2 = F.pad(w13, (0, pad)), F.pad(w2, (0, 0, 0, pad))
         b13 = weights["w13_bias"].to(dev) if spec.expert_bias else torch.zeros(El, w13.shape[1], dtype=dt, device=dev)
         b2 = F.pad(weights["w2_bias"].to(dev), (0, pad)) if spec.expert_bias else torch.zeros(El, Hp, dtype=dt, device=dev)
         self._packed = {}
