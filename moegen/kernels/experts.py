@@ -93,8 +93,25 @@ def experts_up_func(s: ExpertShapes, block_m: int, block_n: int):
         b13 = T.match_buffer(b_h, (u_El, u_NT, u_BN), u_dt)
         act = T.match_buffer(act_h, (n_blocks * u_BM, u_I), u_dt)
         gu = T.sblock_alloc_buffer((n_blocks * u_BM, u_NT * u_BN), "float32")
+        xs = T.sblock_alloc_buffer((n_blocks * u_BM, u_H), "float32")
         for nt in range(u_NT):
             for b in range(T.Cast("int64", num_blocks[0])):
+                # the block's input rows, gathered and in fp32 (scaled by the routing weight on input)
+                for m, h in T.grid(u_BM, u_H):
+                    with T.sblock("gather"):
+                        vt = T.axis.spatial(u_NT, nt)
+                        vb = T.axis.spatial(n_blocks, b)
+                        vm, vh = T.axis.remap("SS", [m, h])
+                        T.reads(x[0:tok, vh], sorted_ids[vb * u_BM + vm], topk_weights[0:tok, 0:u_K])
+                        T.writes(xs[vb * u_BM + vm, vh])
+                        if u_woi:
+                            xs[vb * u_BM + vm, vh] = (
+                                T.Cast("float32", x[T.min(T.Cast("int64", sorted_ids[vb * u_BM + vm]), n_slots - 1) // u_K, vh])
+                                * topk_weights[T.min(T.Cast("int64", sorted_ids[vb * u_BM + vm]), n_slots - 1) // u_K,
+                                               T.min(T.Cast("int64", sorted_ids[vb * u_BM + vm]), n_slots - 1) % u_K])
+                        else:
+                            xs[vb * u_BM + vm, vh] = T.Cast(
+                                "float32", x[T.min(T.Cast("int64", sorted_ids[vb * u_BM + vm]), n_slots - 1) // u_K, vh])
                 for m, c, h in T.grid(u_BM, u_BN, u_H):
                     with T.sblock("gemm"):
                         vt = T.axis.spatial(u_NT, nt)
@@ -102,16 +119,8 @@ def experts_up_func(s: ExpertShapes, block_m: int, block_n: int):
                         vm, vc, vh = T.axis.remap("SSR", [m, c, h])
                         with T.init():
                             gu[vb * u_BM + vm, vt * u_BN + vc] = T.float32(0)
-                        if u_woi:
-                            gu[vb * u_BM + vm, vt * u_BN + vc] += (
-                                T.Cast("float32", x[T.min(T.Cast("int64", sorted_ids[vb * u_BM + vm]), n_slots - 1) // u_K, vh])
-                                * topk_weights[T.min(T.Cast("int64", sorted_ids[vb * u_BM + vm]), n_slots - 1) // u_K,
-                                               T.min(T.Cast("int64", sorted_ids[vb * u_BM + vm]), n_slots - 1) % u_K]
-                                * T.Cast("float32", w13[T.Cast("int64", block_expert[vb]), vt, vh, vc]))
-                        else:
-                            gu[vb * u_BM + vm, vt * u_BN + vc] += (
-                                T.Cast("float32", x[T.min(T.Cast("int64", sorted_ids[vb * u_BM + vm]), n_slots - 1) // u_K, vh])
-                                * T.Cast("float32", w13[T.Cast("int64", block_expert[vb]), vt, vh, vc]))
+                        gu[vb * u_BM + vm, vt * u_BN + vc] += (
+                            xs[vb * u_BM + vm, vh] * T.Cast("float32", w13[T.Cast("int64", block_expert[vb]), vt, vh, vc]))
                 for m, c in T.grid(u_BM, u_half):
                     with T.sblock("act"):
                         vt = T.axis.spatial(u_NT, nt)

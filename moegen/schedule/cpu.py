@@ -53,6 +53,11 @@ def _gemm_tile(sch: s_tir.Schedule, name: str, gemm: str, epilogue: str) -> None
 def experts_up(func, name: str, cfg: ExpertsConfig) -> s_tir.Schedule:
     sch = _schedule(func, name)
     _gemm_tile(sch, name, "gemm", "act")
+    # the gathered fp32 rows: one BM x Hp tile per block, so the GEMM broadcasts fp32 from cache
+    # instead of converting a bf16/fp16 element per row per step
+    gather = sch.get_sblock("gather", func_name=name)
+    *_, rows, cols = sch.get_loops(gather)
+    sch.vectorize(cols)
     return sch
 
 
