@@ -19,7 +19,6 @@ the CUDA family (CUDA graphs, torch._grouped_mm, the Triton baseline) plugs in b
 
 from __future__ import annotations
 
-import dataclasses
 import datetime
 import gc
 import json
@@ -264,15 +263,14 @@ def _stale_reason(spec: MoESpec, target, path: Path, manifest: dict) -> str | No
     import tvm
 
     from .build import expert_shapes
-    from .schedule.config import fit_config, load_paths
+    from .schedule.config import load_paths, path_records
 
     if manifest["spec_hash"] != spec.hash:
         return f"spec {manifest['spec_hash']} != {spec.hash}"
     if manifest.get("tvm_version") != tvm.__version__:
         return f"TVM {manifest.get('tvm_version')} != {tvm.__version__}"
     shapes = expert_shapes(spec)
-    want = [{"name": p.name, "max_tokens": p.max_tokens, "config": dataclasses.asdict(fit_config(p.experts, shapes))}
-            for p in load_paths(target.family)]
+    want = path_records(load_paths(target.family), shapes)
     if manifest["paths"] != want:
         return f"schedules/{target.family}.yaml changed"
     built = (path / "manifest.json").stat().st_mtime
@@ -447,7 +445,7 @@ def run_bench(target: str, shapes: list[str], tokens: list[int], out_dir: Path, 
             ids, _ = route_ref(logits, spec.router, spec.top_k, weights.get("e_score_correction_bias"))
             b, fl = floor_terms(spec, ids)
             floor_us = max(b / ceilings["copy_bytes_per_s"], fl / ceilings["gemm_flops_per_s"]) * 1e6
-            row = {"shape": spec.name, "tokens": T, "path": pick_path(runner.paths, T)["name"],
+            row = {"shape": spec.name, "tokens": T, "path": pick_path(runner.paths, T, spec.top_k, spec.local_experts)["name"],
                    "experts_touched": int(torch.unique(ids).numel()), "bytes": b, "flops": fl,
                    "floor_us": floor_us, "us": us, "moegen_pct_of_floor": floor_us / us["moegen"] * 100,
                    "speedup": {c: us[c] / us["moegen"] for c in baselines},

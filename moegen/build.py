@@ -43,23 +43,23 @@ def scheduled_module(spec: MoESpec, target: TargetInfo):
     from .kernels import experts as ke
     from .kernels import routing as kr
     from .schedule import rules
-    from .schedule.config import fit_config, load_paths
+    from .schedule.config import ExpertsConfig, load_paths, path_records
 
     rule = rules(target.family)
     shapes = expert_shapes(spec)
     funcs = {"routing": rule.routing(kr.routing_func(spec.num_experts, spec.top_k, spec.router), "routing")}
-    paths = []
-    for p in load_paths(target.family):
-        cfg = fit_config(p.experts, shapes)
+    paths = path_records(load_paths(target.family), shapes)
+    for p in paths:
+        cfg = ExpertsConfig(**p["config"])
         bm = cfg.block_m
-        funcs[f"dispatch_{p.name}"] = rule.dispatch(
-            kd.dispatch_func(spec.num_experts, spec.local_experts, spec.top_k, bm), f"dispatch_{p.name}")
-        funcs[f"experts_up_{p.name}"] = rule.experts_up(
-            ke.experts_up_func(shapes, bm, cfg.block_n_up), f"experts_up_{p.name}", cfg)
-        funcs[f"experts_down_{p.name}"] = rule.experts_down(
-            ke.experts_down_func(shapes, bm, cfg.block_n_down), f"experts_down_{p.name}", cfg)
-        funcs[f"combine_{p.name}"] = rule.combine(ke.combine_func(shapes, bm), f"combine_{p.name}", cfg)
-        paths.append({"name": p.name, "max_tokens": p.max_tokens, "config": cfg.__dict__ | {}})
+        name = p["name"]
+        funcs[f"dispatch_{name}"] = rule.dispatch(
+            kd.dispatch_func(spec.num_experts, spec.local_experts, spec.top_k, bm), f"dispatch_{name}")
+        funcs[f"experts_up_{name}"] = rule.experts_up(
+            ke.experts_up_func(shapes, bm, cfg.block_n_up), f"experts_up_{name}", cfg)
+        funcs[f"experts_down_{name}"] = rule.experts_down(
+            ke.experts_down_func(shapes, bm, cfg.block_n_down), f"experts_down_{name}", cfg)
+        funcs[f"combine_{name}"] = rule.combine(ke.combine_func(shapes, bm), f"combine_{name}", cfg)
     mod = tvm.IRModule({name: sch.mod[name] for name, sch in funcs.items()})
     return mod, paths
 

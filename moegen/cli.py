@@ -128,9 +128,10 @@ def inspect(artifact):
         click.echo(f"  shared experts: {s['shared_experts']}")
     if s.get("latent_size"):
         click.echo(f"  latent size: {s['latent_size']}")
-    click.echo("paths (picked by token count):")
+    click.echo("paths (picked by rows per local expert, T*K/El):")
     for p in m["paths"]:
-        click.echo(f"  {p['name']:<8} T <= {p['max_tokens'] if p['max_tokens'] is not None else 'any':<5} {p['config']}")
+        bound = p["max_rows_per_expert"]
+        click.echo(f"  {p['name']:<8} T*K/El <= {bound if bound is not None else 'any':<5} {p['config']}")
     click.echo("functions:")
     for name, args in m["functions"].items():
         sig = ", ".join(f"{a['name']}[{','.join(a['shape'])}]:{a['dtype']}" for a in args)

@@ -33,10 +33,12 @@ class RunnerInputError(ValueError):
     """A tensor the runner cannot take: says which argument, what it got and what it needs."""
 
 
-def pick_path(paths: list[dict], num_tokens: int) -> dict:
-    """Token count -> path (the bucket function): the first path whose max_tokens admits T."""
+def pick_path(paths: list[dict], num_tokens: int, top_k: int, local_experts: int) -> dict:
+    """The bucket function: the first path whose max_rows_per_expert admits T*K/El, the average rows
+    each local expert gets (a host-side number: no synchronisation)."""
+    rows = num_tokens * top_k / local_experts
     for p in paths:
-        if p["max_tokens"] is None or num_tokens <= p["max_tokens"]:
+        if p["max_rows_per_expert"] is None or rows <= p["max_rows_per_expert"]:
             return p
     raise AssertionError("the last path has no token limit")
 
@@ -281,7 +283,7 @@ class MoERunner:
         T, K, E, El, Hp, I = xp.shape[0], spec.top_k, spec.num_experts, spec.local_experts, spec.kernel_hidden, spec.local_intermediate
         if T == 0:  # tvm-ffi refuses zero-size tensors; an empty batch has an empty answer
             return xp.new_zeros(0, Hp)
-        path = pick_path(self.paths, T)
+        path = pick_path(self.paths, T, K, El)
         c, name = path["config"], path["name"]
         BM = c["block_m"]
         MB = -(-T * K // BM) + El

@@ -28,7 +28,7 @@ class PathConfig:
     """One path through the layer (decode, prefill): the runner picks it by token count."""
 
     name: str
-    max_tokens: int | None  # the path serves T <= max_tokens; None: any T
+    max_rows_per_expert: float | None  # serves T*K/El <= this (rows per local expert); None: any
     experts: ExpertsConfig
 
 
@@ -77,10 +77,16 @@ def load_paths(family: str, data: dict[str, Any] | None = None) -> list[PathConf
         import yaml
 
         data = yaml.safe_load((SCHEDULES_DIR / f"{family}.yaml").read_text())
-    paths = [PathConfig(name=p["name"], max_tokens=p.get("max_tokens"), experts=ExpertsConfig(**p["experts"]))
-             for p in data["paths"]]
-    if not paths or paths[-1].max_tokens is not None:
-        raise ValueError(f"schedules/{family}.yaml: the last path must have max_tokens: null")
+    paths = [PathConfig(name=p["name"], max_rows_per_expert=p.get("max_rows_per_expert"),
+                        experts=ExpertsConfig(**p["experts"])) for p in data["paths"]]
+    if not paths or paths[-1].max_rows_per_expert is not None:
+        raise ValueError(f"schedules/{family}.yaml: the last path must have max_rows_per_expert: null")
     return paths
 
 
+
+
+def path_records(paths: list[PathConfig], shapes: ExpertShapes) -> list[dict]:
+    """What the manifest stores of each path: its bucket bound and the config fitted to this layer."""
+    return [{"name": p.name, "max_rows_per_expert": p.max_rows_per_expert,
+             "config": dataclasses.asdict(fit_config(p.experts, shapes))} for p in paths]
