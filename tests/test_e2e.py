@@ -388,12 +388,19 @@ def test_load_leaves_callers_weights_alone(artifact):
 # ---- artifact errors -------------------------------------------------------------------------
 
 
+def _replace(path: Path, data: bytes) -> None:
+    """Write a new file in its place: the process still maps the loaded library's old inode, and
+    rewriting that in place would crash the process (SIGSEGV at exit), not the code under test."""
+    path.unlink()
+    path.write_bytes(data)
+
+
 def _flip_bytes(path: Path, at: float = 0.5, n: int = 16) -> None:
     data = bytearray(path.read_bytes())
     i = int(len(data) * at)
     for j in range(i, i + n):
         data[j] ^= 0xFF
-    path.write_bytes(bytes(data))
+    _replace(path, bytes(data))
 
 
 def _edit_manifest(root: Path, fn) -> None:
@@ -416,7 +423,7 @@ def damage(case: str, root: Path) -> str:
         _flip_bytes(root / "moe.so", at=0.97, n=1)
         return "moe.so"
     if case == "moe.so truncated":
-        (root / "moe.so").write_bytes((root / "moe.so").read_bytes()[:4096])
+        _replace(root / "moe.so", (root / "moe.so").read_bytes()[:4096])
         return "moe.so"
     if case == "runtime library flipped":
         _flip_bytes(root / "libtvm_runtime.so")
