@@ -111,3 +111,41 @@ def weights_digest(weights: dict) -> dict[str, str]:
             {2: torch.int16, 4: torch.int32, 8: torch.int64}[t.element_size()])
         out[name] = hashlib.sha256(raw.numpy().tobytes()).hexdigest()
     return out
+
+
+# ---- CUDA machine code ------------------------------------------------------------------------
+
+FATBIN_MAGIC = 0xBA55ED50
+FATBIN_KINDS = {1: "ptx", 2: "sass"}
+
+
+def fatbin_entries(so_path: Path) -> list[dict]:
+    """The CUDA code a shared library embeds: [{"kind": "sass" | "ptx", "arch": 90}, ...], read from its
+    .nv_fatbin ELF section (the layout cuobjdump reads), with no CUDA toolkit or GPU."""
+    import struct
+
+    raw = Path(so_path).read_bytes()
+    if raw[:4] != b"\x7fELF":
+        return []
+    shoff, = struct.unpack_from("<Q", raw, 0x28)
+    shentsize, shnum, shstrndx = struct.unpack_from("<HHH", raw, 0x3A)
+    sections = [struct.unpack_from("<IIQQQQ", raw, shoff + i * shentsize) for i in range(shnum)]
+    names_off = sections[shstrndx][4]
+    data = b""
+    for name, _type, _flags, _addr, off, size in sections:
+        end = raw.index(b"\0", names_off + name)
+        if raw[names_off + name:end] == b".nv_fatbin":
+            data = raw[off:off + size]
+    out, pos = [], 0
+    while pos + 16 <= len(data):
+        magic, _ver, hsize, fsize = struct.unpack_from("<IHHQ", data, pos)
+        if magic != FATBIN_MAGIC:
+            break
+        p, end = pos + hsize, pos + hsize + fsize
+        while p < end:
+            kind, _v, ehsize, padded = struct.unpack_from("<HHIQ", data, p)
+            arch = struct.unpack_from("<I", data, p + 28)[0]
+            out.append({"kind": FATBIN_KINDS.get(kind, str(kind)), "arch": arch})
+            p += ehsize + padded
+        pos = end
+    return out

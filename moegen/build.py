@@ -56,7 +56,7 @@ def scheduled_module(spec: MoESpec, target: TargetInfo):
         funcs[f"dispatch_{name}"] = rule.dispatch(
             kd.dispatch_func(spec.num_experts, spec.local_experts, spec.top_k, bm), f"dispatch_{name}")
         funcs[f"experts_up_{name}"] = rule.experts_up(
-            ke.experts_up_func(shapes, bm, cfg.block_n_up), f"experts_up_{name}", cfg)
+            ke.experts_up_func(shapes, bm, cfg.block_n_up, cfg.gather_rows), f"experts_up_{name}", cfg)
         funcs[f"experts_down_{name}"] = rule.experts_down(
             ke.experts_down_func(shapes, bm, cfg.block_n_down), f"experts_down_{name}", cfg)
         funcs[f"combine_{name}"] = rule.combine(ke.combine_func(shapes, bm), f"combine_{name}", cfg)
@@ -65,16 +65,55 @@ def scheduled_module(spec: MoESpec, target: TargetInfo):
 
 
 def compile_module(mod, target: TargetInfo):
-    """tvm.compile with the lowering pipeline the target family's schedules need."""
+    """tvm.compile with the lowering pipeline the target family's schedules need.
+
+    CUDA compiles with host "cuda_host": one CUDA C++ translation unit (kernels + tvm-ffi host wrappers
+    that launch on the caller's stream) that nvcc turns into machine code ahead of time (export_library).
+    """
     import tvm
 
-    pipeline = "default"
     if target.family == "cpu":
         from .schedule.lowering import register
 
-        pipeline = register()
-    with tvm.target.Target(dict(target.tvm)):  # CUDA builds read the arch from Target.current()
-        return tvm.compile(mod, target=target.tvm_target(), tir_pipeline=pipeline)
+        return tvm.compile(mod, target=target.tvm_target(), tir_pipeline=register())
+    tvm_target = tvm.target.Target(dict(target.tvm) | {"host": {"kind": "cuda_host"}})
+    with tvm_target:  # CUDA codegen reads the arch from Target.current()
+        return tvm.compile(mod, target=tvm_target)
+
+
+def _nvcc_flags(target: TargetInfo) -> list[str]:
+    """SASS for the target's architecture plus PTX of it, so newer GPUs can still load the library."""
+    arch = target.tvm["arch"].removeprefix("sm_")
+    return ["-O3", "-std=c++17", "-shared", "-Xcompiler", "-fPIC",
+            "-gencode", f"arch=compute_{arch},code=sm_{arch}", "-gencode", f"arch=compute_{arch},code=compute_{arch}"]
+
+
+def export_library(ex, target: TargetInfo, out: Path) -> dict:
+    """Write out/moe.so (and, for CUDA, the moe.cu it was compiled from); returns how it was compiled."""
+    if target.family == "cpu":
+        ex.export_library(str(out / "moe.so"))
+        return {"compiler": "llvm (tvm)"}
+    import subprocess
+
+    import tvm_ffi
+    from tvm.backend.cuda import export_cuda_host
+
+    (out / "moe.cu").write_text(export_cuda_host(ex.mod))
+    ffi = Path(tvm_ffi.__file__).parent
+    cmd = ["nvcc", *_nvcc_flags(target), "-I", str(ffi / "include"), "-o", str(out / "moe.so"), str(out / "moe.cu"),
+           "-L", str(ffi / "lib"), "-ltvm_ffi", "-lcudart"]
+    try:
+        proc = subprocess.run(cmd, capture_output=True, text=True)
+    except FileNotFoundError:
+        raise RuntimeError("nvcc not found: CUDA targets need the CUDA toolkit on the build box (no GPU needed)") from None
+    if proc.returncode != 0:
+        raise RuntimeError(f"nvcc failed ({proc.returncode}):\n{proc.stderr[-4000:]}")
+    from .artifact import fatbin_entries
+
+    version = subprocess.run(["nvcc", "--version"], capture_output=True, text=True).stdout.strip().splitlines()[-1]
+    embedded = sorted({(e["kind"], e["arch"]) for e in fatbin_entries(out / "moe.so")})
+    return {"compiler": version, "nvcc_flags": _nvcc_flags(target),
+            "embedded": [{"kind": k, "arch": a} for k, a in embedded]}
 
 
 def describe_functions(mod) -> dict:
@@ -152,8 +191,8 @@ def build(spec: MoESpec, target_name: str, out_root: Path, *, golden: bool = Tru
         mod, paths = scheduled_module(spec, target)
         progress(f"[2/5] compiling {len(mod.functions)} functions for {target.tvm}")
         ex = compile_module(mod, target)
-        progress("[3/5] exporting the shared library")
-        ex.export_library(str(tmp / "moe.so"))
+        progress("[3/5] exporting the shared library" + (" (nvcc)" if target.family == "cuda" else ""))
+        compiled = export_library(ex, target, tmp)
         runtime_libs = []
         for lib in _runtime_libs(target):
             shutil.copy2(lib, tmp / lib.name)
@@ -168,7 +207,9 @@ def build(spec: MoESpec, target_name: str, out_root: Path, *, golden: bool = Tru
             "spec": spec.to_dict(),
             "spec_hash": spec.hash,
             "target": {"name": target.name, "family": target.family, "tvm": target.tvm,
-                       "requires_cpu_flags": list(target.requires_cpu_flags)},
+                       "requires_cpu_flags": list(target.requires_cpu_flags),
+                       "compute_capability": target.extra.get("compute_capability")},
+            "compiled": compiled,
             "library": "moe.so",
             "runtime_libraries": runtime_libs,
             "functions": describe_functions(mod),

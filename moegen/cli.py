@@ -90,7 +90,9 @@ def build(spec_path, target, out_dir, no_golden):
               help="Token counts for fresh random inputs against the reference.")
 @click.option("--seed", default=0, show_default=True, help="Seed of the fresh random inputs.")
 @click.option("--no-golden", is_flag=True, help="Skip the artifact's golden vectors.")
-def verify(artifact, tokens, seed, no_golden):
+@click.option("--device", default="auto", show_default=True,
+              help="cpu, cuda, cuda:N; auto: the artifact's kind of device.")
+def verify(artifact, tokens, seed, no_golden, device):
     """Check an artifact: its golden vectors, then fresh random inputs against the PyTorch reference.
 
     Prints the relative error per case against the dtype's tolerance; exits 1 on any mismatch.
@@ -98,7 +100,7 @@ def verify(artifact, tokens, seed, no_golden):
     from .verify import verify_artifact
 
     try:
-        ok = verify_artifact(Path(artifact), tokens, seed=seed, golden=not no_golden, echo=click.echo)
+        ok = verify_artifact(Path(artifact), tokens, seed=seed, golden=not no_golden, device=device, echo=click.echo)
     except (ArtifactError, SpecError) as e:
         _fail(str(e))
     except Exception as e:  # noqa: BLE001 - one line, exit 3

@@ -29,10 +29,12 @@ def _as_tuple(x):
     return x if isinstance(x, tuple) else (x,)
 
 
-def verify_artifact(root: Path, tokens: list[int], *, seed: int = 0, golden: bool = True, device: str = "cpu",
+def verify_artifact(root: Path, tokens: list[int], *, seed: int = 0, golden: bool = True, device: str = "auto",
                     echo: Callable[[str], None] = print) -> bool:
     """True when every case is within the dtype's tolerance. Prints one line per case."""
     m = read_manifest(root)
+    if device == "auto":
+        device = "cuda" if m["target"]["family"] == "cuda" else "cpu"
     spec = spec_from_dict(m["spec"])
     tol = TOLERANCES[spec.dtype]
     dt = getattr(torch, spec.dtype)

@@ -36,36 +36,37 @@ def dispatch_func(num_experts: int, local_experts: int, top_k: int, block_m: int
         block_expert = T.match_buffer(bexp_h, (n_blocks,), "int32")
         num_blocks = T.match_buffer(nblk_h, (1,), "int32")
         slot_pos = T.match_buffer(pos_h, (n_slots,), "int32")
-        with T.sblock("dispatch"):
-            T.reads(topk_ids[0:tok, 0:d_K], expert_map[0:d_E])
-            T.writes(counts[0:d_El], offsets[0:d_El + 1], sorted_ids[0:n_blocks * d_BM],
-                     block_expert[0:n_blocks], num_blocks[0], slot_pos[0:n_slots])
-            for e in range(d_El):
-                counts[e] = 0
-            for s in range(n_slots):
-                if expert_map[topk_ids[s // d_K, s % d_K]] >= 0:
-                    counts[expert_map[topk_ids[s // d_K, s % d_K]]] += 1
-            offsets[0] = T.int64(0)
-            for e in range(d_El):
-                offsets[e + 1] = offsets[e] + T.Cast("int64", (counts[e] + (d_BM - 1)) // d_BM * d_BM)
-            for r in range(n_blocks * d_BM):
-                sorted_ids[r] = T.Cast("int32", n_slots)
-            for b in range(n_blocks):
-                block_expert[b] = -1
-            for e in range(d_El):
-                for b in range(offsets[e] // d_BM, offsets[e + 1] // d_BM):
-                    block_expert[b] = e
-            num_blocks[0] = T.Cast("int32", offsets[d_El] // d_BM)
-            # second pass: counts double as per-expert cursors and end equal to the first pass
-            for e in range(d_El):
-                counts[e] = 0
-            for s in range(n_slots):
-                if expert_map[topk_ids[s // d_K, s % d_K]] >= 0:
-                    slot_pos[s] = T.Cast("int32", offsets[expert_map[topk_ids[s // d_K, s % d_K]]]
-                                         + T.Cast("int64", counts[expert_map[topk_ids[s // d_K, s % d_K]]]))
-                    sorted_ids[slot_pos[s]] = T.Cast("int32", s)
-                    counts[expert_map[topk_ids[s // d_K, s % d_K]]] += 1
-                else:
-                    slot_pos[s] = -1
+        for _one in range(1):  # a loop for schedules to bind (a GPU runs this on one thread)
+            with T.sblock("dispatch"):
+                T.reads(topk_ids[0:tok, 0:d_K], expert_map[0:d_E])
+                T.writes(counts[0:d_El], offsets[0:d_El + 1], sorted_ids[0:n_blocks * d_BM],
+                         block_expert[0:n_blocks], num_blocks[0], slot_pos[0:n_slots])
+                for e in range(d_El):
+                    counts[e] = 0
+                for s in range(n_slots):
+                    if expert_map[topk_ids[s // d_K, s % d_K]] >= 0:
+                        counts[expert_map[topk_ids[s // d_K, s % d_K]]] += 1
+                offsets[0] = T.int64(0)
+                for e in range(d_El):
+                    offsets[e + 1] = offsets[e] + T.Cast("int64", (counts[e] + (d_BM - 1)) // d_BM * d_BM)
+                for r in range(n_blocks * d_BM):
+                    sorted_ids[r] = T.Cast("int32", n_slots)
+                for b in range(n_blocks):
+                    block_expert[b] = -1
+                for e in range(d_El):
+                    for b in range(offsets[e] // d_BM, offsets[e + 1] // d_BM):
+                        block_expert[b] = e
+                num_blocks[0] = T.Cast("int32", offsets[d_El] // d_BM)
+                # second pass: counts double as per-expert cursors and end equal to the first pass
+                for e in range(d_El):
+                    counts[e] = 0
+                for s in range(n_slots):
+                    if expert_map[topk_ids[s // d_K, s % d_K]] >= 0:
+                        slot_pos[s] = T.Cast("int32", offsets[expert_map[topk_ids[s // d_K, s % d_K]]]
+                                             + T.Cast("int64", counts[expert_map[topk_ids[s // d_K, s % d_K]]]))
+                        sorted_ids[slot_pos[s]] = T.Cast("int32", s)
+                        counts[expert_map[topk_ids[s // d_K, s % d_K]]] += 1
+                    else:
+                        slot_pos[s] = -1
 
     return dispatch

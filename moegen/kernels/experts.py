@@ -67,9 +67,13 @@ def _act(kind: str, g, u, alpha: float, limit: float):
     raise ValueError(kind)
 
 
-def experts_up_func(s: ExpertShapes, block_m: int, block_n: int):
+def experts_up_func(s: ExpertShapes, block_m: int, block_n: int, gather_rows: bool = True):
     """PrimFunc `experts_up(x [T, Hp], topk_weights [T, K] f32, sorted_ids [MP] i32, block_expert [MB] i32,
-    num_blocks [1] i32, w13p [El, NT13, Hp, BN], b13p [El, NT13, BN], act [MP, I])`."""
+    num_blocks [1] i32, w13p [El, NT13, Hp, BN], b13p [El, NT13, BN], act [MP, I])`.
+
+    gather_rows: stage each block's input rows in fp32 (stage "gather", a BM x Hp tile) before the GEMM;
+    without it the GEMM reads x directly. A layout choice of the schedule (CPU: yes, GPU: no), made
+    here because TVM cannot inline a stage across the data-dependent block loop."""
     u_dt, u_El, u_K, u_H, u_I = s.dtype, s.local_experts, s.top_k, s.hidden, s.intermediate
     u_BM, u_BN = block_m, block_n
     u_gated, u_woi, u_bias = s.gated, s.weight_on_input, s.expert_bias
@@ -96,31 +100,41 @@ def experts_up_func(s: ExpertShapes, block_m: int, block_n: int):
         xs = T.sblock_alloc_buffer((n_blocks * u_BM, u_H), "float32")
         for nt in range(u_NT):
             for b in range(T.Cast("int64", num_blocks[0])):
-                # the block's input rows, gathered and in fp32 (scaled by the routing weight on input)
-                for m, h in T.grid(u_BM, u_H):
-                    with T.sblock("gather"):
-                        vt = T.axis.spatial(u_NT, nt)
-                        vb = T.axis.spatial(n_blocks, b)
-                        vm, vh = T.axis.remap("SS", [m, h])
-                        T.reads(x[0:tok, vh], sorted_ids[vb * u_BM + vm], topk_weights[0:tok, 0:u_K])
-                        T.writes(xs[vb * u_BM + vm, vh])
-                        if u_woi:
-                            xs[vb * u_BM + vm, vh] = (
+                if gather_rows:
+                    # the block's input rows, gathered and in fp32 (scaled by the routing weight on input)
+                    for m, h in T.grid(u_BM, u_H):
+                        with T.sblock("gather"):
+                            vt = T.axis.spatial(u_NT, nt)
+                            vb = T.axis.spatial(n_blocks, b)
+                            vm, vh = T.axis.remap("SS", [m, h])
+                            T.reads(x[0:tok, vh], sorted_ids[vb * u_BM + vm], topk_weights[0:tok, 0:u_K])
+                            T.writes(xs[vb * u_BM + vm, vh])
+                            xs[vb * u_BM + vm, vh] = T.Cast("float32", x[T.min(T.Cast("int64", sorted_ids[vb * u_BM + vm]), n_slots - 1) // u_K, vh]) * T.if_then_else(
+                                u_woi, topk_weights[T.min(T.Cast("int64", sorted_ids[vb * u_BM + vm]), n_slots - 1) // u_K,
+                                                    T.min(T.Cast("int64", sorted_ids[vb * u_BM + vm]), n_slots - 1) % u_K], T.float32(1))
+                    for m, c, h in T.grid(u_BM, u_BN, u_H):
+                        with T.sblock("gemm"):
+                            vt = T.axis.spatial(u_NT, nt)
+                            vb = T.axis.spatial(n_blocks, b)
+                            vm, vc, vh = T.axis.remap("SSR", [m, c, h])
+                            with T.init():
+                                gu[vb * u_BM + vm, vt * u_BN + vc] = T.float32(0)
+                            gu[vb * u_BM + vm, vt * u_BN + vc] += (
+                                xs[vb * u_BM + vm, vh] * T.Cast("float32", w13[T.Cast("int64", block_expert[vb]), vt, vh, vc]))
+                else:
+                    for m, c, h in T.grid(u_BM, u_BN, u_H):
+                        with T.sblock("gemm"):
+                            vt = T.axis.spatial(u_NT, nt)
+                            vb = T.axis.spatial(n_blocks, b)
+                            vm, vc, vh = T.axis.remap("SSR", [m, c, h])
+                            with T.init():
+                                gu[vb * u_BM + vm, vt * u_BN + vc] = T.float32(0)
+                            gu[vb * u_BM + vm, vt * u_BN + vc] += (
                                 T.Cast("float32", x[T.min(T.Cast("int64", sorted_ids[vb * u_BM + vm]), n_slots - 1) // u_K, vh])
-                                * topk_weights[T.min(T.Cast("int64", sorted_ids[vb * u_BM + vm]), n_slots - 1) // u_K,
-                                               T.min(T.Cast("int64", sorted_ids[vb * u_BM + vm]), n_slots - 1) % u_K])
-                        else:
-                            xs[vb * u_BM + vm, vh] = T.Cast(
-                                "float32", x[T.min(T.Cast("int64", sorted_ids[vb * u_BM + vm]), n_slots - 1) // u_K, vh])
-                for m, c, h in T.grid(u_BM, u_BN, u_H):
-                    with T.sblock("gemm"):
-                        vt = T.axis.spatial(u_NT, nt)
-                        vb = T.axis.spatial(n_blocks, b)
-                        vm, vc, vh = T.axis.remap("SSR", [m, c, h])
-                        with T.init():
-                            gu[vb * u_BM + vm, vt * u_BN + vc] = T.float32(0)
-                        gu[vb * u_BM + vm, vt * u_BN + vc] += (
-                            xs[vb * u_BM + vm, vh] * T.Cast("float32", w13[T.Cast("int64", block_expert[vb]), vt, vh, vc]))
+                                * T.if_then_else(
+                                    u_woi, topk_weights[T.min(T.Cast("int64", sorted_ids[vb * u_BM + vm]), n_slots - 1) // u_K,
+                                                        T.min(T.Cast("int64", sorted_ids[vb * u_BM + vm]), n_slots - 1) % u_K], T.float32(1))
+                                * T.Cast("float32", w13[T.Cast("int64", block_expert[vb]), vt, vh, vc]))
                 for m, c in T.grid(u_BM, u_half):
                     with T.sblock("act"):
                         vt = T.axis.spatial(u_NT, nt)

@@ -38,6 +38,17 @@ def check_device(manifest: dict, device: torch.device) -> None:
         if missing:
             raise ArtifactError(f"artifact for {tgt['name']} needs CPU features {', '.join(missing)} that this "
                                 "CPU lacks; build for cpu-x86-64-v3 instead")
+    elif tgt["family"] == "cuda":
+        if device.type != "cuda":
+            raise ArtifactError(f"artifact for {tgt['name']} runs on a CUDA GPU, not on {device}")
+        if not torch.cuda.is_available():
+            raise ArtifactError(f"artifact for {tgt['name']} needs a CUDA GPU, and torch sees none")
+        need = tuple(tgt.get("compute_capability") or (0, 0))
+        have = torch.cuda.get_device_capability(device)
+        if have < need:
+            raise ArtifactError(f"artifact for {tgt['name']} needs compute capability {need[0]}.{need[1]} or newer; "
+                                f"{torch.cuda.get_device_name(device)} is {have[0]}.{have[1]}: build for its "
+                                f"architecture (cuda-sm{have[0]}{have[1]})")
     else:
         raise ArtifactError(f"artifact target family {tgt['family']!r} is not supported by this runner")
 

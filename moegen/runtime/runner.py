@@ -97,6 +97,8 @@ class MoERunner:
         router logits itself. The caller's tensors are never modified.
         """
         device = torch.device(device)
+        if device.type == "cuda" and device.index is None and torch.cuda.is_available():  # tensors say cuda:N
+            device = torch.device("cuda", torch.cuda.current_device())
         manifest, module = load_artifact(path, device)
         return cls(Path(path), manifest, module, weights, device, tp_rank=tp_rank, ep_rank=ep_rank,
                    reduce_results=reduce_results, process_group=process_group)
@@ -281,7 +283,7 @@ class MoERunner:
         """xp [T, Hp], logits [T, E] fp32 -> [T, Hp]: the five kernels, buffers from torch."""
         spec, dev = self.spec, self.device
         T, K, E, El, Hp, I = xp.shape[0], spec.top_k, spec.num_experts, spec.local_experts, spec.kernel_hidden, spec.local_intermediate
-        if T == 0:  # tvm-ffi refuses zero-size tensors; an empty batch has an empty answer
+        if T == 0:  # an empty batch launches nothing
             return xp.new_zeros(0, Hp)
         path = pick_path(self.paths, T, K, El)
         c, name = path["config"], path["name"]
@@ -301,10 +303,23 @@ class MoERunner:
         y = torch.empty(MB * BM, Hp, dtype=torch.float32, device=dev)
         out = torch.empty(T, Hp, dtype=self.dtype, device=dev)
         xp = xp.contiguous()
+        with self._stream():  # CUDA: kernels launch on torch's current stream (graph capture too)
+            self._launch(path["name"], xp, logits, ids, tw, counts, offsets, sorted_ids, block_expert, num_blocks,
+                         slot_pos, act, y, out, w13, b13, w2, b2)
+        return out
+
+    def _stream(self):
+        import contextlib
+
+        import tvm_ffi
+
+        return tvm_ffi.use_torch_stream() if self.device.type == "cuda" else contextlib.nullcontext()
+
+    def _launch(self, name, xp, logits, ids, tw, counts, offsets, sorted_ids, block_expert, num_blocks, slot_pos,
+                act, y, out, w13, b13, w2, b2):
         f = self._fns
         f["routing"](logits, self.correction_bias, ids, tw)
         f[f"dispatch_{name}"](ids, self.expert_map, counts, offsets, sorted_ids, block_expert, num_blocks, slot_pos)
         f[f"experts_up_{name}"](xp, tw, sorted_ids, block_expert, num_blocks, w13, b13, act)
         f[f"experts_down_{name}"](act, tw, sorted_ids, block_expert, num_blocks, w2, b2, y)
         f[f"combine_{name}"](y, slot_pos, out)
-        return out

@@ -9,4 +9,8 @@ def rules(family: str):
         from . import cpu
 
         return cpu
-    raise ValueError(f"no schedule rules for target family {family!r} (available: cpu)")
+    if family == "cuda":
+        from . import cuda
+
+        return cuda
+    raise ValueError(f"no schedule rules for target family {family!r} (available: cpu, cuda)")

@@ -21,6 +21,7 @@ class ExpertsConfig:
     block_n_up: int  # columns per w13 tile (gated: gate half + up half)
     block_n_down: int  # columns per w2 tile
     combine_n: int  # columns per combine tile
+    gather_rows: bool = True  # stage each block's input rows in fp32 before the up GEMM
 
 
 @dataclass(frozen=True)

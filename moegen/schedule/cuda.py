@@ -1,0 +1,85 @@
+"""CUDA schedule rules (first version: correct, simple, CUDA-core arithmetic).
+
+Shape legend: T tokens, K top-k, Hp padded hidden, I intermediate, BM x BN tile, NT weight tiles.
+Each rule is `apply(func, name, config)`; thread counts and tiles come from `config` only.
+
+What this version does not do yet (issue 3): tensor cores (mma.sync / wgmma), a decode path that splits
+the reduction across warps, a parallel dispatch. Weight tiles map to thread blocks, tile columns to
+threads, so loads of a weight row are coalesced; every thread block walks the sorted blocks.
+"""
+
+from __future__ import annotations
+
+from tvm import s_tir
+
+from .config import ExpertsConfig
+from .cpu import _schedule
+
+
+def routing(func, name: str, threads: int = 128) -> s_tir.Schedule:
+    """One thread per token."""
+    sch = _schedule(func, name)
+    (t,) = sch.get_loops(sch.get_sblock("route", func_name=name))
+    to, ti = sch.split(t, [None, threads])
+    sch.bind(to, "blockIdx.x")
+    sch.bind(ti, "threadIdx.x")
+    return sch
+
+
+def dispatch(func, name: str) -> s_tir.Schedule:
+    """One thread: the stable scatter is serial (a parallel prefix-sum dispatch is issue 3's work)."""
+    sch = _schedule(func, name)
+    blk = sch.get_sblock("dispatch", func_name=name)
+    (one,) = sch.get_loops(blk)
+    sch.bind(one, "threadIdx.x")
+    sch.bind(sch.add_unit_loop(one), "blockIdx.x")
+    return sch
+
+
+def _tile_gemm(sch: s_tir.Schedule, name: str, gemm: str, acc_scope: str):
+    """Weight tile -> thread block, tile column -> thread; each thread keeps BM accumulators."""
+    g = sch.get_sblock(gemm, func_name=name)
+    nt, b, m, c, r = sch.get_loops(g)
+    sch.reorder(c, r, m)
+    sch.bind(nt, "blockIdx.x")
+    sch.bind(c, "threadIdx.x")
+    sch.set_scope(g, 0, acc_scope)
+    sch.unroll(m)
+    sch.decompose_reduction(g, r)
+    return g
+
+
+def experts_up(func, name: str, cfg: ExpertsConfig) -> s_tir.Schedule:
+    sch = _schedule(func, name)
+    # the activation pairs column c with column c + BN/2 of the tile: another thread's, so shared
+    _tile_gemm(sch, name, "gemm", "shared")
+    act = sch.get_sblock("act", func_name=name)
+    *_, m, c = sch.get_loops(act)
+    fused = sch.fuse(m, c)
+    _, ti = sch.split(fused, [None, cfg.block_n_up])
+    sch.bind(ti, "threadIdx.x")
+    return sch
+
+
+def experts_down(func, name: str, cfg: ExpertsConfig) -> s_tir.Schedule:
+    sch = _schedule(func, name)
+    _tile_gemm(sch, name, "gemm", "local")
+    scale = sch.get_sblock("scale", func_name=name)
+    *_, m, c = sch.get_loops(scale)
+    sch.reorder(c, m)
+    sch.bind(c, "threadIdx.x")
+    return sch
+
+
+def combine(func, name: str, cfg: ExpertsConfig) -> s_tir.Schedule:
+    """Tokens x column tiles -> thread blocks, columns -> threads, the K-sum in a register."""
+    sch = _schedule(func, name)
+    st = sch.get_sblock("store", func_name=name)
+    t, n = sch.get_loops(st)
+    no, ni = sch.split(n, [None, cfg.combine_n])
+    sch.bind(sch.fuse(t, no), "blockIdx.x")
+    sch.bind(ni, "threadIdx.x")
+    cb = sch.get_sblock("combine", func_name=name)
+    sch.compute_at(cb, ni)
+    sch.set_scope(cb, 0, "local")
+    return sch
