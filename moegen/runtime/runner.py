@@ -82,6 +82,7 @@ class MoERunner:
         self.dtype = getattr(torch, spec.dtype)
         self.paths = manifest["paths"]
         self._fns = {name: module[name] for name in manifest["functions"]}
+        self._stage: dict[str, tuple[int, dict]] = {}  # path -> (token capacity, staging buffers)
         self._pack(weights)
 
     # ---- loading ---------------------------------------------------------------------------
@@ -238,9 +239,25 @@ class MoERunner:
     def __call__(self, hidden_states: torch.Tensor, router_logits: torch.Tensor | None = None):
         return self.forward(hidden_states, router_logits)
 
-    def forward(self, hidden_states: torch.Tensor, router_logits: torch.Tensor | None = None):
+    def as_op(self, layer: str):
+        """Register this runner as `layer` and return f(hidden, router_logits=None) that calls the torch
+        custom op (torch.ops.moegen.moe_forward[_shared]): what a model calls under torch.compile."""
+        from . import ops
+
+        ops.register_layer(layer, self)
+        op = ops.moe_forward_shared if self.spec.shared_experts is not None else ops.moe_forward
+        return lambda hidden_states, router_logits=None: op(hidden_states, router_logits, layer)
+
+    def forward(self, hidden_states: torch.Tensor, router_logits: torch.Tensor | None = None, *,
+                sp_sizes: list[int] | None = None):
         """hidden_states [T, H] (spec dtype), router_logits [T, E] (any float dtype; None when the runner
-        holds the gate). Returns routed [T, Hr], or (shared [T, H], routed [T, Hr]) with shared experts."""
+        holds the gate). Returns routed [T, Hr], or (shared [T, H], routed [T, Hr]) with shared experts.
+
+        Sequence parallel (spec.parallel.sequence_parallel, a group of tp*ep > 1 ranks): each rank passes
+        its own tokens; `sp_sizes` lists every rank's token count (host ints, so nothing synchronises;
+        default: all equal to this rank's). The runner gathers all tokens, computes this rank's experts
+        (and TP slice) for them, and reduce-scatters the result back: no all-reduce of the output.
+        """
         self._check_inputs(hidden_states, router_logits)
         spec = self.spec
         x = hidden_states.contiguous()
@@ -249,64 +266,125 @@ class MoERunner:
             router_logits = F.linear(xr.float(), self.gate.float(),
                                      None if self.gate_bias is None else self.gate_bias.float())
         logits = router_logits.to(torch.float32).contiguous()  # [T, E]
+        sp = spec.parallel.sequence_parallel and self._group_size() > 1
+        if sp:
+            sizes = list(sp_sizes) if sp_sizes is not None else [x.shape[0]] * self._group_size()
+            x, xr, logits = (self._sp_gather(t, sizes) for t in (x, xr, logits))
         shared = self._shared(x) if spec.shared_experts is not None else None  # NO_OVERLAP: before routed
         Hr, Hp = spec.routed_width, spec.kernel_hidden
         xp = F.pad(xr, (0, Hp - Hr)) if Hp != Hr else xr  # [T, Hp]
-        T = x.shape[0]
-        step = spec.max_chunk_tokens
-        if T <= step:
-            routed = self._routed(xp, logits)
-        else:
-            routed = torch.cat([self._routed(xp[s:s + step], logits[s:s + step]) for s in range(0, T, step)])
-        routed = self._maybe_reduce(routed[..., :Hr])
-        if shared is None:
-            return routed
-        return self._maybe_reduce(shared), routed
+        routed = self._routed(xp, logits)  # [T, Hp]
+        outs = [routed] if shared is None else [shared, routed]
+        outs = [self._sp_scatter(o, sizes) for o in outs] if sp else [self._maybe_reduce(o) for o in outs]
+        outs[-1] = outs[-1][..., :Hr]  # truncation after the reduce, as the seed
+        return outs[0] if shared is None else (outs[0], outs[1])
+
+    # ---- parallel (TP/EP groups over torch.distributed) ------------------------------------------
+
+    def _group_size(self) -> int:
+        return self.spec.parallel.tp_size * self.spec.parallel.ep_size
 
     def _maybe_reduce(self, t: torch.Tensor) -> torch.Tensor:
-        """All-reduce over the TP/EP group, as the seed's _maybe_reduce_output (issue 4 grows this)."""
-        p = self.spec.parallel
-        if self.reduce_results and not p.sequence_parallel and p.tp_size * p.ep_size > 1:
+        """All-reduce over the TP x EP group when results are to be reduced (the seed's
+        _maybe_reduce_output); the caller reduces when reduce_results is False."""
+        if self.reduce_results and self._group_size() > 1:
             import torch.distributed as dist
 
-            if dist.is_available() and dist.is_initialized():
-                dist.all_reduce(t, group=self.process_group)
+            dist.all_reduce(t, group=self.process_group)
         return t
 
+    def _sp_gather(self, t: torch.Tensor, sizes: list[int]) -> torch.Tensor:
+        """[T_r, ...] on each rank -> [sum(sizes), ...] on all ranks (padded to the largest share)."""
+        import torch.distributed as dist
+
+        most = max(sizes)
+        padded = F.pad(t, (0, 0, 0, most - t.shape[0])) if t.shape[0] < most else t
+        parts = [torch.empty_like(padded) for _ in sizes]
+        dist.all_gather(parts, padded.contiguous(), group=self.process_group)
+        return torch.cat([p[:n] for p, n in zip(parts, sizes)])
+
+    def _sp_scatter(self, t: torch.Tensor, sizes: list[int]) -> torch.Tensor:
+        """Sum the ranks' partial outputs of all tokens and keep this rank's rows. NCCL reduce-scatters;
+        gloo has no reduce-scatter, so there it all-reduces and slices (same result, more traffic)."""
+        import torch.distributed as dist
+
+        rank = dist.get_rank(self.process_group)
+        start = sum(sizes[:rank])
+        if dist.get_backend(self.process_group) == "nccl":
+            most = max(sizes)
+            chunks = torch.cat([F.pad(c, (0, 0, 0, most - c.shape[0])) for c in t.split(sizes)])
+            mine = torch.empty(most, *t.shape[1:], dtype=t.dtype, device=t.device)
+            dist.reduce_scatter_tensor(mine, chunks, group=self.process_group)
+            return mine[:sizes[rank]]
+        dist.all_reduce(t, group=self.process_group)
+        return t[start:start + sizes[rank]]
+
     def _shared(self, x: torch.Tensor) -> torch.Tensor:
+        """The shared MLP on this rank's TP slice. Its weights are replicated across EP ranks, so only
+        EP rank 0 contributes: the group's sum is then the shared output once."""
+        if self.ep_rank != 0:
+            return x.new_zeros(x.shape[0], self.spec.hidden_size)
         y = F.linear(_activation(F.linear(x, self.shared_w13), self.spec), self.shared_w2)  # [T, H]
         if self.shared_gate is not None:
             y = y * torch.sigmoid(F.linear(x, self.shared_gate))
         return y
 
+    # ---- routed experts ------------------------------------------------------------------------
+
     def _routed(self, xp: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
-        """xp [T, Hp], logits [T, E] fp32 -> [T, Hp]: the five kernels, buffers from torch."""
-        spec, dev = self.spec, self.device
-        T, K, E, El, Hp, I = xp.shape[0], spec.top_k, spec.num_experts, spec.local_experts, spec.kernel_hidden, spec.local_intermediate
-        if T == 0:  # an empty batch launches nothing
-            return xp.new_zeros(0, Hp)
-        path = pick_path(self.paths, T, K, El)
-        c, name = path["config"], path["name"]
-        BM = c["block_m"]
-        MB = -(-T * K // BM) + El
-        w13, b13, w2, b2 = self._packed[(c["block_n_up"], c["block_n_down"])]
-        i32 = dict(dtype=torch.int32, device=dev)
-        ids = torch.empty(T, K, **i32)
-        tw = torch.empty(T, K, dtype=torch.float32, device=dev)
-        counts = torch.empty(El, **i32)
-        offsets = torch.empty(El + 1, dtype=torch.int64, device=dev)
-        sorted_ids = torch.empty(MB * BM, **i32)
-        block_expert = torch.empty(MB, **i32)
-        num_blocks = torch.empty(1, **i32)
-        slot_pos = torch.empty(T * K, **i32)
-        act = torch.empty(MB * BM, I, dtype=self.dtype, device=dev)
-        y = torch.empty(MB * BM, Hp, dtype=torch.float32, device=dev)
-        out = torch.empty(T, Hp, dtype=self.dtype, device=dev)
-        xp = xp.contiguous()
-        with self._stream():  # CUDA: kernels launch on torch's current stream (graph capture too)
-            self._launch(path["name"], xp, logits, ids, tw, counts, offsets, sorted_ids, block_expert, num_blocks,
-                         slot_pos, act, y, out, w13, b13, w2, b2)
+        """xp [T, Hp], logits [T, E] fp32 -> [T, Hp], in chunks of at most max_chunk_tokens tokens that
+        reuse one set of staging buffers (fixed addresses for CUDA graphs)."""
+        T, step = xp.shape[0], self.spec.max_chunk_tokens
+        out = torch.empty(T, self.spec.kernel_hidden, dtype=self.dtype, device=self.device)
+        for s in range(0, T, step):
+            self._routed_chunk(xp[s:s + step], logits[s:s + step], out[s:s + step])
         return out
+
+    def _staging(self, path: dict, T: int) -> dict[str, torch.Tensor]:
+        """Views of this path's staging buffers for a chunk of T tokens. The buffers are allocated for
+        the largest chunk seen (at most max_chunk_tokens) and reused by every later chunk and call."""
+        spec, dev = self.spec, self.device
+        K, El, Hp, I, BM = spec.top_k, spec.local_experts, spec.kernel_hidden, spec.local_intermediate, \
+            path["config"]["block_m"]
+        cap, bufs = self._stage.get(path["name"], (0, None))
+        if T > cap:
+            cap = min(max(T, 2 * cap), spec.max_chunk_tokens)
+            mp = (-(-cap * K // BM) + El) * BM
+            i32 = dict(dtype=torch.int32, device=dev)
+            bufs = dict(ids=torch.empty(cap * K, **i32), tw=torch.empty(cap * K, dtype=torch.float32, device=dev),
+                        counts=torch.empty(El, **i32), offsets=torch.empty(El + 1, dtype=torch.int64, device=dev),
+                        sorted_ids=torch.empty(mp, **i32), block_expert=torch.empty(mp // BM, **i32),
+                        num_blocks=torch.empty(1, **i32), slot_pos=torch.empty(cap * K, **i32),
+                        act=torch.empty(mp * I, dtype=self.dtype, device=dev),
+                        y=torch.empty(mp * Hp, dtype=torch.float32, device=dev))
+            self._stage[path["name"]] = (cap, bufs)
+        MB = -(-T * K // BM) + El
+        return dict(ids=bufs["ids"][:T * K].view(T, K), tw=bufs["tw"][:T * K].view(T, K), counts=bufs["counts"],
+                    offsets=bufs["offsets"], sorted_ids=bufs["sorted_ids"][:MB * BM],
+                    block_expert=bufs["block_expert"][:MB], num_blocks=bufs["num_blocks"],
+                    slot_pos=bufs["slot_pos"][:T * K], act=bufs["act"][:MB * BM * I].view(MB * BM, I),
+                    y=bufs["y"][:MB * BM * Hp].view(MB * BM, Hp))
+
+    def _routed_chunk(self, xp: torch.Tensor, logits: torch.Tensor, out: torch.Tensor) -> None:
+        """The five kernels on one chunk: xp [T, Hp], logits [T, E] fp32 -> out [T, Hp] (a view)."""
+        spec = self.spec
+        T = xp.shape[0]
+        if T == 0:  # an empty batch launches nothing
+            return
+        path = pick_path(self.paths, T, spec.top_k, spec.local_experts)
+        c = path["config"]
+        w13, b13, w2, b2 = self._packed[(c["block_n_up"], c["block_n_down"])]
+        b = self._staging(path, T)
+        f, name = self._fns, path["name"]
+        with self._stream():  # CUDA: kernels launch on torch's current stream (graph capture too)
+            f["routing"](logits.contiguous(), self.correction_bias, b["ids"], b["tw"])
+            f[f"dispatch_{name}"](b["ids"], self.expert_map, b["counts"], b["offsets"], b["sorted_ids"],
+                                  b["block_expert"], b["num_blocks"], b["slot_pos"])
+            f[f"experts_up_{name}"](xp.contiguous(), b["tw"], b["sorted_ids"], b["block_expert"], b["num_blocks"],
+                                    w13, b13, b["act"])
+            f[f"experts_down_{name}"](b["act"], b["tw"], b["sorted_ids"], b["block_expert"], b["num_blocks"],
+                                      w2, b2, b["y"])
+            f[f"combine_{name}"](b["y"], b["slot_pos"], out)
 
     def _stream(self):
         import contextlib
@@ -314,12 +392,3 @@ class MoERunner:
         import tvm_ffi
 
         return tvm_ffi.use_torch_stream() if self.device.type == "cuda" else contextlib.nullcontext()
-
-    def _launch(self, name, xp, logits, ids, tw, counts, offsets, sorted_ids, block_expert, num_blocks, slot_pos,
-                act, y, out, w13, b13, w2, b2):
-        f = self._fns
-        f["routing"](logits, self.correction_bias, ids, tw)
-        f[f"dispatch_{name}"](ids, self.expert_map, counts, offsets, sorted_ids, block_expert, num_blocks, slot_pos)
-        f[f"experts_up_{name}"](xp, tw, sorted_ids, block_expert, num_blocks, w13, b13, act)
-        f[f"experts_down_{name}"](act, tw, sorted_ids, block_expert, num_blocks, w2, b2, y)
-        f[f"combine_{name}"](y, slot_pos, out)
