@@ -96,3 +96,28 @@ def test_chunked_equals_one_pass_exactly(chunky, artifact):
     g = torch.Generator().manual_seed(1)
     x, logits = torch.randn(20_000, spec.hidden_size, generator=g), torch.randn(20_000, spec.num_experts, generator=g)
     assert torch.equal(chunked(x, logits), whole(x, logits))
+
+
+def test_shared_order_overlap_falls_back_on_cpu_and_bad_order_is_refused(artifact):
+    """On the CPU there is no side stream: overlap runs the shared experts first, same result."""
+    from moegen.runtime import RunnerInputError
+
+    spec = load_spec(SPECS / "deepseek-v3-small.yaml")
+    w = random_weights(spec, 1)
+    before = MoERunner.load(artifact("deepseek-v3-small"), w)
+    overlap = MoERunner.load(artifact("deepseek-v3-small"), w, shared_order="overlap")
+    x, logits = torch.randn(9, spec.hidden_size).to(torch.bfloat16), torch.randn(9, spec.num_experts)
+    assert all(torch.equal(a, b) for a, b in zip(before(x, logits), overlap(x, logits)))
+    with pytest.raises(RunnerInputError, match="shared_order"):
+        MoERunner.load(artifact("deepseek-v3-small"), w, shared_order="sideways")
+
+
+@torch.no_grad()
+def test_compiled_with_inductor_equals_eager(artifact):
+    """The default backend too: inductor keeps the op opaque and compiles the rest."""
+    torch._dynamo.reset()
+    spec = load_spec(SPECS / "tiny.yaml")
+    runner = MoERunner.load(artifact("tiny"), random_weights(spec, 1))
+    model = TinyModel(runner.as_op("test.inductor"), spec.hidden_size)
+    x, logits = torch.randn(11, spec.hidden_size).to(torch.bfloat16), torch.randn(11, spec.num_experts)
+    torch.testing.assert_close(torch.compile(model, fullgraph=True)(x, logits), model(x, logits))

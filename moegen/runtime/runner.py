@@ -29,6 +29,9 @@ from . import packing
 from .loader import load_artifact
 
 
+SHARED_ORDERS = ("before", "overlap")
+
+
 class RunnerInputError(ValueError):
     """A tensor the runner cannot take: says which argument, what it got and what it needs."""
 
@@ -74,8 +77,13 @@ class MoERunner:
 
     def __init__(self, root: Path, manifest: dict, module, weights: dict[str, torch.Tensor],
                  device: torch.device, *, tp_rank: int = 0, ep_rank: int = 0, reduce_results: bool = True,
-                 process_group=None):
+                 process_group=None, shared_order: str = "before"):
+        if shared_order not in SHARED_ORDERS:
+            raise RunnerInputError(f"shared_order: {shared_order!r}; allowed: {' | '.join(SHARED_ORDERS)}")
         self.root, self.manifest, self.module, self.device = root, manifest, module, device
+        # overlap: shared experts on a side CUDA stream while the routed kernels run (on the CPU: before)
+        self.shared_order = shared_order
+        self._side = torch.cuda.Stream(device) if shared_order == "overlap" and device.type == "cuda" else None
         self.spec = spec = spec_from_dict(manifest["spec"])
         self.tp_rank, self.ep_rank = tp_rank, ep_rank
         self.reduce_results, self.process_group = reduce_results, process_group
@@ -89,20 +97,26 @@ class MoERunner:
 
     @classmethod
     def load(cls, path, weights: dict[str, torch.Tensor], device="cpu", *, tp_rank: int = 0, ep_rank: int = 0,
-             reduce_results: bool = True, process_group=None) -> "MoERunner":
+             reduce_results: bool = True, process_group=None, shared_order: str = "before") -> "MoERunner":
         """Check the artifact (hashes, format, device) and the weights, then pack the weights once.
 
         `weights` follows the weights contract (moegen.spec.weights_contract) in vLLM layout, either full
         (every expert, the whole intermediate width: this rank keeps its TP/EP shard) or already cut to
-        this rank's shard. Optional `gate` [E, Hr] (+ `gate_bias` [E]) makes the runner compute the
-        router logits itself. The caller's tensors are never modified.
+        this rank's shard (w2_bias [El, Hr] is not cut by TP: only TP rank 0 adds it, either way). Optional
+        `gate` [E, Hr] (+ `gate_bias` [E]) makes the runner compute the router logits itself. The caller's
+        tensors are never modified.
+
+        Parallel: `tp_rank`/`ep_rank` place this rank in the spec's TP x EP group (rank = ep_rank * tp +
+        tp_rank in `process_group`); `reduce_results=False` leaves the all-reduce to the caller.
+        `shared_order`: "before" runs the shared experts before the routed ones (the seed's NO_OVERLAP);
+        "overlap" runs them on a side CUDA stream concurrently (MULTI_STREAM_OVERLAPPED).
         """
         device = torch.device(device)
         if device.type == "cuda" and device.index is None and torch.cuda.is_available():  # tensors say cuda:N
             device = torch.device("cuda", torch.cuda.current_device())
         manifest, module = load_artifact(path, device)
         return cls(Path(path), manifest, module, weights, device, tp_rank=tp_rank, ep_rank=ep_rank,
-                   reduce_results=reduce_results, process_group=process_group)
+                   reduce_results=reduce_results, process_group=process_group, shared_order=shared_order)
 
     def _check_weights(self, weights: dict[str, torch.Tensor]) -> bool:
         """Validate names, shapes and dtypes; return True when the weights are already this rank's shard."""
@@ -167,8 +181,6 @@ class MoERunner:
             out["w2"] = out["w2"][:, :, cols]
             if "w13_bias" in out:
                 out["w13_bias"] = rows13(out["w13_bias"])
-            if "w2_bias" in out and r != 0:  # the bias is added once, before the TP all-reduce
-                out["w2_bias"] = torch.zeros_like(out["w2_bias"])
             if spec.shared_experts is not None:
                 Is = spec.shared_experts.intermediate_size
                 Isl = Is // tp
@@ -182,6 +194,9 @@ class MoERunner:
         spec, dev, dt = self.spec, self.device, self.dtype
         if not self._check_weights(weights):
             weights = self._shard(weights)
+        if "w2_bias" in weights and spec.parallel.tp_size > 1 and self.tp_rank != 0:
+            # added once, before the TP all-reduce, whether the runner or the caller cut the shard
+            weights = dict(weights, w2_bias=torch.zeros_like(weights["w2_bias"]))
         El, Hr, Hp = spec.local_experts, spec.routed_width, spec.kernel_hidden
         pad = Hp - Hr
         w13 = weights["w13"].to(dev)  # [El, N13, Hp] after padding
@@ -270,10 +285,21 @@ class MoERunner:
         if sp:
             sizes = list(sp_sizes) if sp_sizes is not None else [x.shape[0]] * self._group_size()
             x, xr, logits = (self._sp_gather(t, sizes) for t in (x, xr, logits))
-        shared = self._shared(x) if spec.shared_experts is not None else None  # NO_OVERLAP: before routed
         Hr, Hp = spec.routed_width, spec.kernel_hidden
         xp = F.pad(xr, (0, Hp - Hr)) if Hp != Hr else xr  # [T, Hp]
-        routed = self._routed(xp, logits)  # [T, Hp]
+        if spec.shared_experts is None:
+            shared, routed = None, self._routed(xp, logits)  # [T, Hp]
+        elif self._side is None:  # NO_OVERLAP: shared experts first
+            shared = self._shared(x)
+            routed = self._routed(xp, logits)
+        else:  # MULTI_STREAM_OVERLAPPED: fork to the side stream, join before the reduce
+            main = torch.cuda.current_stream(self.device)
+            self._side.wait_stream(main)
+            with torch.cuda.stream(self._side):
+                shared = self._shared(x)
+            routed = self._routed(xp, logits)
+            main.wait_stream(self._side)
+            shared.record_stream(main)  # made on the side stream, used and freed on the main one
         outs = [routed] if shared is None else [shared, routed]
         outs = [self._sp_scatter(o, sizes) for o in outs] if sp else [self._maybe_reduce(o) for o in outs]
         outs[-1] = outs[-1][..., :Hr]  # truncation after the reduce, as the seed
