@@ -56,9 +56,9 @@ def scheduled_module(spec: MoESpec, target: TargetInfo):
         funcs[f"dispatch_{name}"] = rule.dispatch(
             kd.dispatch_func(spec.num_experts, spec.local_experts, spec.top_k, bm), f"dispatch_{name}")
         funcs[f"experts_up_{name}"] = rule.experts_up(
-            ke.experts_up_func(shapes, bm, cfg.block_n_up, cfg.gather_rows), f"experts_up_{name}", cfg)
+            ke.experts_up_func(shapes, bm, cfg.block_n_up, cfg.gather_rows, cfg.grid_blocks), f"experts_up_{name}", cfg)
         funcs[f"experts_down_{name}"] = rule.experts_down(
-            ke.experts_down_func(shapes, bm, cfg.block_n_down), f"experts_down_{name}", cfg)
+            ke.experts_down_func(shapes, bm, cfg.block_n_down, cfg.grid_blocks), f"experts_down_{name}", cfg)
         funcs[f"combine_{name}"] = rule.combine(ke.combine_func(shapes, bm), f"combine_{name}", cfg)
     mod = tvm.IRModule({name: sch.mod[name] for name, sch in funcs.items()})
     return mod, paths

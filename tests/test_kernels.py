@@ -161,24 +161,28 @@ def shapes_of(key: str) -> ExpertShapes:
 
 
 @functools.cache
-def expert_kernels(key: str, path: str):
+def expert_kernels(key: str, path: str, grid_blocks: bool = False):
+    """grid_blocks: the predicated all-blocks loop the GPU schedules bind to the grid, run on the CPU."""
     sh = shapes_of(key)
     cfg = fit_config(next(p.experts for p in PATHS if p.name == path), sh)
     return cfg, (
-        compile_one(experts_up_func(sh, cfg.block_m, cfg.block_n_up), "experts_up", CPU.experts_up, cfg),
-        compile_one(experts_down_func(sh, cfg.block_m, cfg.block_n_down), "experts_down", CPU.experts_down, cfg),
+        compile_one(experts_up_func(sh, cfg.block_m, cfg.block_n_up, True, grid_blocks), "experts_up",
+                    CPU.experts_up, cfg),
+        compile_one(experts_down_func(sh, cfg.block_m, cfg.block_n_down, grid_blocks), "experts_down",
+                    CPU.experts_down, cfg),
         compile_one(combine_func(sh, cfg.block_m), "combine", CPU.combine, cfg),
         dispatch_kernel(sh.local_experts, sh.local_experts, sh.top_k, cfg.block_m),
     )
 
 
-@pytest.mark.parametrize("key", sorted(EXPERTS))
+@pytest.mark.parametrize("key,grid", [(k, False) for k in sorted(EXPERTS)] + [("bf16-silu", True),
+                                                                             ("fp16-gelu-bias", True)])
 @pytest.mark.parametrize("path", [p.name for p in PATHS])
 @pytest.mark.parametrize("T", TOKENS)
-def test_experts_match_twins(key, path, T):
+def test_experts_match_twins(key, grid, path, T):
     sh = shapes_of(key)
     dt = getattr(torch, sh.dtype)
-    cfg, (up, down, combine, _) = expert_kernels(key, path)
+    cfg, (up, down, combine, _) = expert_kernels(key, path, grid)
     El, K, H, I, BM = sh.local_experts, sh.top_k, sh.hidden, sh.intermediate, cfg.block_m
     gen = torch.Generator().manual_seed(T * 7 + El)
     x = torch.randn(T, H, generator=gen).to(dt)

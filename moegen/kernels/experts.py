@@ -67,13 +67,16 @@ def _act(kind: str, g, u, alpha: float, limit: float):
     raise ValueError(kind)
 
 
-def experts_up_func(s: ExpertShapes, block_m: int, block_n: int, gather_rows: bool = True):
+def experts_up_func(s: ExpertShapes, block_m: int, block_n: int, gather_rows: bool = True,
+                    grid_blocks: bool = False):
     """PrimFunc `experts_up(x [T, Hp], topk_weights [T, K] f32, sorted_ids [MP] i32, block_expert [MB] i32,
     num_blocks [1] i32, w13p [El, NT13, Hp, BN], b13p [El, NT13, BN], act [MP, I])`.
 
     gather_rows: stage each block's input rows in fp32 (stage "gather", a BM x Hp tile) before the GEMM;
     without it the GEMM reads x directly. A layout choice of the schedule (CPU: yes, GPU: no), made
-    here because TVM cannot inline a stage across the data-dependent block loop."""
+    here because TVM cannot inline a stage across the data-dependent block loop.
+    grid_blocks: loop over all MB possible blocks with a predicate (b < num_blocks) instead of exactly
+    num_blocks: a static extent a GPU schedule can bind to the grid (blocks past the end exit at once)."""
     u_dt, u_El, u_K, u_H, u_I = s.dtype, s.local_experts, s.top_k, s.hidden, s.intermediate
     u_BM, u_BN = block_m, block_n
     u_gated, u_woi, u_bias = s.gated, s.weight_on_input, s.expert_bias
@@ -99,11 +102,13 @@ def experts_up_func(s: ExpertShapes, block_m: int, block_n: int, gather_rows: bo
         gu = T.sblock_alloc_buffer((n_blocks * u_BM, u_NT * u_BN), "float32")
         xs = T.sblock_alloc_buffer((n_blocks * u_BM, u_H), "float32")
         for nt in range(u_NT):
-            for b in range(T.Cast("int64", num_blocks[0])):
+            for b in range(n_blocks if grid_blocks else T.Cast("int64", num_blocks[0])):
                 if gather_rows:
                     # the block's input rows, gathered and in fp32 (scaled by the routing weight on input)
                     for m, h in T.grid(u_BM, u_H):
                         with T.sblock("gather"):
+                            if grid_blocks:
+                                T.where(b < T.Cast("int64", num_blocks[0]))
                             vt = T.axis.spatial(u_NT, nt)
                             vb = T.axis.spatial(n_blocks, b)
                             vm, vh = T.axis.remap("SS", [m, h])
@@ -114,6 +119,8 @@ def experts_up_func(s: ExpertShapes, block_m: int, block_n: int, gather_rows: bo
                                                     T.min(T.Cast("int64", sorted_ids[vb * u_BM + vm]), n_slots - 1) % u_K], T.float32(1))
                     for m, c, h in T.grid(u_BM, u_BN, u_H):
                         with T.sblock("gemm"):
+                            if grid_blocks:
+                                T.where(b < T.Cast("int64", num_blocks[0]))
                             vt = T.axis.spatial(u_NT, nt)
                             vb = T.axis.spatial(n_blocks, b)
                             vm, vc, vh = T.axis.remap("SSR", [m, c, h])
@@ -124,6 +131,8 @@ def experts_up_func(s: ExpertShapes, block_m: int, block_n: int, gather_rows: bo
                 else:
                     for m, c, h in T.grid(u_BM, u_BN, u_H):
                         with T.sblock("gemm"):
+                            if grid_blocks:
+                                T.where(b < T.Cast("int64", num_blocks[0]))
                             vt = T.axis.spatial(u_NT, nt)
                             vb = T.axis.spatial(n_blocks, b)
                             vm, vc, vh = T.axis.remap("SSR", [m, c, h])
@@ -137,6 +146,8 @@ def experts_up_func(s: ExpertShapes, block_m: int, block_n: int, gather_rows: bo
                                 * T.Cast("float32", w13[T.Cast("int64", block_expert[vb]), vt, vh, vc]))
                 for m, c in T.grid(u_BM, u_half):
                     with T.sblock("act"):
+                        if grid_blocks:
+                            T.where(b < T.Cast("int64", num_blocks[0]))
                         vt = T.axis.spatial(u_NT, nt)
                         vb = T.axis.spatial(n_blocks, b)
                         vm, vc = T.axis.remap("SS", [m, c])
@@ -158,7 +169,7 @@ def experts_up_func(s: ExpertShapes, block_m: int, block_n: int, gather_rows: bo
     return experts_up
 
 
-def experts_down_func(s: ExpertShapes, block_m: int, block_n: int):
+def experts_down_func(s: ExpertShapes, block_m: int, block_n: int, grid_blocks: bool = False):
     """PrimFunc `experts_down(act [MP, I], topk_weights [T, K] f32, sorted_ids [MP] i32, block_expert [MB] i32,
     num_blocks [1] i32, w2p [El, NT2, I, BN], b2p [El, NT2, BN], y [MP, Hp] f32)`: weighted rows, sorted order."""
     d_dt, d_El, d_K, d_H, d_I = s.dtype, s.local_experts, s.top_k, s.hidden, s.intermediate
@@ -183,9 +194,11 @@ def experts_down_func(s: ExpertShapes, block_m: int, block_n: int):
         y = T.match_buffer(y_h, (n_blocks * d_BM, d_H), "float32")
         ysum = T.sblock_alloc_buffer((n_blocks * d_BM, d_H), "float32")
         for nt in range(d_NT):
-            for b in range(T.Cast("int64", num_blocks[0])):
+            for b in range(n_blocks if grid_blocks else T.Cast("int64", num_blocks[0])):
                 for m, c, i in T.grid(d_BM, d_BN, d_I):
                     with T.sblock("gemm"):
+                        if grid_blocks:
+                            T.where(b < T.Cast("int64", num_blocks[0]))
                         vt = T.axis.spatial(d_NT, nt)
                         vb = T.axis.spatial(n_blocks, b)
                         vm, vc, vi = T.axis.remap("SSR", [m, c, i])
@@ -196,6 +209,8 @@ def experts_down_func(s: ExpertShapes, block_m: int, block_n: int):
                             * T.Cast("float32", w2[T.Cast("int64", block_expert[vb]), vt, vi, vc]))
                 for m, c in T.grid(d_BM, d_BN):
                     with T.sblock("scale"):
+                        if grid_blocks:
+                            T.where(b < T.Cast("int64", num_blocks[0]))
                         vt = T.axis.spatial(d_NT, nt)
                         vb = T.axis.spatial(n_blocks, b)
                         vm, vc = T.axis.remap("SS", [m, c])

@@ -22,6 +22,8 @@ class ExpertsConfig:
     block_n_down: int  # columns per w2 tile
     combine_n: int  # columns per combine tile
     gather_rows: bool = True  # stage each block's input rows in fp32 before the up GEMM
+    grid_blocks: bool = False  # loop over every possible block (predicated): a GPU binds them to the grid
+    split_k: int = 1  # GPU: threads (threadIdx.y) sharing one column's reduction
 
 
 @dataclass(frozen=True)
@@ -43,6 +45,8 @@ def config_ok(cfg: ExpertsConfig, shapes: ExpertShapes) -> str | None:
         return f"block_n_up {cfg.block_n_up} does not divide N13 {shapes.n13}"
     if shapes.hidden % cfg.block_n_down:
         return f"block_n_down {cfg.block_n_down} does not divide Hp {shapes.hidden}"
+    if shapes.hidden % cfg.split_k or shapes.intermediate % cfg.split_k:
+        return f"split_k {cfg.split_k} does not divide Hp {shapes.hidden} and I {shapes.intermediate}"
     if shapes.hidden % cfg.combine_n:
         return f"combine_n {cfg.combine_n} does not divide Hp {shapes.hidden}"
     return None

@@ -4,8 +4,8 @@ Shape legend: T tokens, K top-k, Hp padded hidden, I intermediate, BM x BN tile,
 Each rule is `apply(func, name, config)`; thread counts and tiles come from `config` only.
 
 What this version does not do yet (issue 3): tensor cores (mma.sync / wgmma), a decode path that splits
-the reduction across warps, a parallel dispatch. Weight tiles map to thread blocks, tile columns to
-threads, so loads of a weight row are coalesced; every thread block walks the sorted blocks.
+the reduction across warps, a parallel dispatch. (Weight tile, sorted block) pairs map to thread blocks,
+tile columns to threads, so loads of a weight row are coalesced and used for the block's BM rows.
 """
 
 from __future__ import annotations
@@ -36,23 +36,26 @@ def dispatch(func, name: str) -> s_tir.Schedule:
     return sch
 
 
-def _tile_gemm(sch: s_tir.Schedule, name: str, gemm: str, acc_scope: str):
-    """Weight tile -> thread block, tile column -> thread; each thread keeps BM accumulators."""
+def _tile_gemm(sch: s_tir.Schedule, name: str, gemm: str, acc_scope: str, split_k: int):
+    """(weight tile, sorted block) -> thread block, tile column -> threadIdx.x, and the reduction split
+    over split_k threads (threadIdx.y) whose partial sums TVM combines in a cross-thread reduction.
+    Blocks past num_blocks (the grid covers every possible one) exit at once."""
     g = sch.get_sblock(gemm, func_name=name)
     nt, b, m, c, r = sch.get_loops(g)
-    sch.reorder(c, r, m)
+    ro, ri = sch.split(r, [None, split_k])
+    sch.reorder(c, m, ri, ro)  # TVM wants the reduction loops innermost for a cross-thread reduction
     sch.bind(nt, "blockIdx.x")
+    sch.bind(b, "blockIdx.y")
     sch.bind(c, "threadIdx.x")
+    sch.bind(ri, "threadIdx.y")
     sch.set_scope(g, 0, acc_scope)
-    sch.unroll(m)
-    sch.decompose_reduction(g, r)
     return g
 
 
 def experts_up(func, name: str, cfg: ExpertsConfig) -> s_tir.Schedule:
     sch = _schedule(func, name)
     # the activation pairs column c with column c + BN/2 of the tile: another thread's, so shared
-    _tile_gemm(sch, name, "gemm", "shared")
+    _tile_gemm(sch, name, "gemm", "shared", cfg.split_k)
     act = sch.get_sblock("act", func_name=name)
     *_, m, c = sch.get_loops(act)
     fused = sch.fuse(m, c)
@@ -63,7 +66,7 @@ def experts_up(func, name: str, cfg: ExpertsConfig) -> s_tir.Schedule:
 
 def experts_down(func, name: str, cfg: ExpertsConfig) -> s_tir.Schedule:
     sch = _schedule(func, name)
-    _tile_gemm(sch, name, "gemm", "local")
+    _tile_gemm(sch, name, "gemm", "local", cfg.split_k)
     scale = sch.get_sblock("scale", func_name=name)
     *_, m, c = sch.get_loops(scale)
     sch.reorder(c, m)
