@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 TARGET ?= cpu-avx512
 
-.PHONY: setup test demo bench clean
+.PHONY: setup test demo bench clean gpu-bundle
 
 # A fresh machine to a working checkout: a virtualenv with every dependency at the pinned version.
 # torch first and alone: `pip install torch==2.13.0` takes the CPU build from this box's disk, while a
@@ -28,3 +28,21 @@ bench:
 
 clean:
 	rm -rf artifacts/*/ .pytest_cache
+
+# What a GPU box without TVM needs to check CUDA artifacts (built here, no GPU needed): the artifacts,
+# cp312 wheels of the runtime's dependencies, and the check scripts. On the GPU box, from the repo root:
+#   pip install --no-deps --target /tmp/site gpu-bundle/whl/*.whl && PYTHONPATH=/tmp/site:. \
+#   python3 scripts/gpu_check.py && python3 scripts/nccl_check.py   (2 GPUs)
+GPU_TARGET ?= cuda-sm90
+GPU_SPECS := examples/specs/tiny.yaml examples/specs/deepseek-v3-small.yaml examples/specs/gpt-oss-small.yaml \
+             examples/specs/latent-small.yaml examples/specs/qwen3-30b-a3b.yaml
+WHEELS := apache-tvm-ffi==0.1.14.post1 click==8.5.1 PyYAML==6.0.4 onnx==1.23.2 protobuf==7.36.2 ml_dtypes==0.6.0
+
+gpu-bundle:
+	rm -rf gpu-bundle && mkdir -p gpu-bundle/whl
+	for s in $(GPU_SPECS); do $(BIN)/moegen build $$s --target $(GPU_TARGET) -o gpu-bundle/artifacts || exit 1; done
+	for s in scripts/specs/*.yaml; do $(BIN)/moegen build $$s --target $(GPU_TARGET) -o gpu-bundle/artifacts --no-golden || exit 1; done
+	$(BIN)/python -m pip download --quiet --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
+	  --platform manylinux_2_28_x86_64 --platform manylinux_2_27_x86_64 --platform manylinux_2_17_x86_64 \
+	  --platform manylinux2014_x86_64 -d gpu-bundle/whl $(WHEELS)
+	du -sh gpu-bundle

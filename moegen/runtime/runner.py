@@ -251,8 +251,9 @@ class MoERunner:
         if router_logits.device != self.device:
             raise RunnerInputError(f"router_logits: on {router_logits.device}, the runner is on {self.device}")
 
-    def __call__(self, hidden_states: torch.Tensor, router_logits: torch.Tensor | None = None):
-        return self.forward(hidden_states, router_logits)
+    def __call__(self, hidden_states: torch.Tensor, router_logits: torch.Tensor | None = None, *,
+                 sp_sizes: list[int] | None = None):
+        return self.forward(hidden_states, router_logits, sp_sizes=sp_sizes)
 
     def as_op(self, layer: str):
         """Register this runner as `layer` and return f(hidden, router_logits=None) that calls the torch
