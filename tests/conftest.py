@@ -7,6 +7,7 @@ artifact directory; tests that modify an artifact must copy it first (`artifact_
 from __future__ import annotations
 
 import shutil
+import textwrap
 from pathlib import Path
 
 import pytest
@@ -56,3 +57,29 @@ def artifact_copy(artifact, tmp_path):
         return dst
 
     return get
+
+
+# The start of a child script that runs as on a deploy box: apache-tvm (`tvm`, `tvm.*`) cannot be
+# imported, tvm-ffi can. It checks that the blocker works before the test's own lines run.
+NO_TVM_PRELUDE = textwrap.dedent(r'''
+    import importlib.abc
+    import sys
+
+
+    class NoApacheTVM(importlib.abc.MetaPathFinder):
+        """Refuses apache-tvm (`tvm`, `tvm.*`) as on a deploy box; `tvm_ffi` stays importable."""
+
+        def find_spec(self, fullname, path=None, target=None):
+            if fullname == "tvm" or fullname.startswith("tvm."):
+                raise ImportError(f"apache-tvm is not available in this process ({fullname})")
+            return None
+
+
+    sys.meta_path.insert(0, NoApacheTVM())
+    try:
+        import tvm  # noqa: F401
+    except ImportError:
+        pass
+    else:
+        raise SystemExit("CHILD ERROR: `import tvm` succeeded although it is blocked")
+''')

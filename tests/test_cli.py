@@ -17,7 +17,7 @@ import pytest
 import yaml
 from click.testing import CliRunner
 
-from conftest import DEFAULT_TARGET, SPECS
+from conftest import NO_TVM_PRELUDE, DEFAULT_TARGET, SPECS
 from moegen.artifact import MANIFEST, load_tensor, read_manifest, save_tensor, sha256_file
 from moegen.cli import main
 from moegen.spec import ACTIVATIONS, DTYPES, SCORINGS, SUPPORTED_QUANT
@@ -396,25 +396,7 @@ def test_inspect_not_an_artifact(tmp_path):
 
 # ---- verify on a deploy box (no apache-tvm) --------------------------------------------------
 
-CHILD = textwrap.dedent(r'''
-    import importlib.abc
-    import sys
-
-
-    class NoApacheTVM(importlib.abc.MetaPathFinder):
-        def find_spec(self, fullname, path=None, target=None):
-            if fullname == "tvm" or fullname.startswith("tvm."):
-                raise ImportError(f"apache-tvm is not available in this process ({fullname})")
-            return None
-
-
-    sys.meta_path.insert(0, NoApacheTVM())
-    try:
-        import tvm  # noqa: F401
-    except ImportError:
-        pass
-    else:
-        raise SystemExit("CHILD ERROR: `import tvm` succeeded although it is blocked")
+CHILD = NO_TVM_PRELUDE + textwrap.dedent(r'''
 
     from moegen.cli import main
 

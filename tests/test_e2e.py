@@ -22,7 +22,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import DEFAULT_TARGET, SPECS
+from conftest import NO_TVM_PRELUDE, DEFAULT_TARGET, SPECS
 from moegen.artifact import MANIFEST, TOLERANCES, ArtifactError, sha256_file
 from moegen.reference import moe_ref, random_weights, route_ref
 from moegen.runtime import MoERunner, RunnerInputError
@@ -86,27 +86,7 @@ def spy_kernels(runner: MoERunner) -> list[tuple[str, tuple]]:
 
 # ---- a fresh process without apache-tvm ------------------------------------------------------
 
-CHILD = textwrap.dedent(r'''
-    import importlib.abc
-    import sys
-
-
-    class NoApacheTVM(importlib.abc.MetaPathFinder):
-        """Refuses apache-tvm (`tvm`, `tvm.*`) as on a deploy box; `tvm_ffi` stays importable."""
-
-        def find_spec(self, fullname, path=None, target=None):
-            if fullname == "tvm" or fullname.startswith("tvm."):
-                raise ImportError(f"apache-tvm is not available in this process ({fullname})")
-            return None
-
-
-    sys.meta_path.insert(0, NoApacheTVM())
-    try:
-        import tvm  # noqa: F401
-    except ImportError:
-        pass
-    else:
-        raise SystemExit("CHILD ERROR: `import tvm` succeeded although it is blocked")
+CHILD = NO_TVM_PRELUDE + textwrap.dedent(r'''
     assert "tvm" not in sys.modules
 
     import json

@@ -10,6 +10,7 @@ Indices are compared exactly on tie-free inputs, floats by the dtype's tolerance
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 
 import pytest
@@ -162,12 +163,15 @@ def shapes_of(key: str) -> ExpertShapes:
 
 @functools.cache
 def expert_kernels(key: str, path: str, grid_blocks: bool = False):
-    """grid_blocks: the predicated all-blocks loop the GPU schedules bind to the grid, run on the CPU."""
+    """grid_blocks: the GPU schedules' compute (predicated all-blocks loop, x read without the fp32
+    gather stage), run on the CPU."""
     sh = shapes_of(key)
     cfg = fit_config(next(p.experts for p in PATHS if p.name == path), sh)
+    if grid_blocks:
+        cfg = dataclasses.replace(cfg, gather_rows=False, grid_blocks=True)
     return cfg, (
-        compile_one(experts_up_func(sh, cfg.block_m, cfg.block_n_up, True, grid_blocks), "experts_up",
-                    CPU.experts_up, cfg),
+        compile_one(experts_up_func(sh, cfg.block_m, cfg.block_n_up, cfg.gather_rows, cfg.grid_blocks),
+                    "experts_up", CPU.experts_up, cfg),
         compile_one(experts_down_func(sh, cfg.block_m, cfg.block_n_down, grid_blocks), "experts_down",
                     CPU.experts_down, cfg),
         compile_one(combine_func(sh, cfg.block_m), "combine", CPU.combine, cfg),
@@ -175,7 +179,7 @@ def expert_kernels(key: str, path: str, grid_blocks: bool = False):
     )
 
 
-@pytest.mark.parametrize("key,grid", [(k, False) for k in sorted(EXPERTS)] + [("bf16-silu", True),
+@pytest.mark.parametrize("key,grid", [(k, False) for k in sorted(EXPERTS)] + [("bf16-silu", True), ("fp32-silu-woi", True),
                                                                              ("fp16-gelu-bias", True)])
 @pytest.mark.parametrize("path", [p.name for p in PATHS])
 @pytest.mark.parametrize("T", TOKENS)

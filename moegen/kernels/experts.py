@@ -117,33 +117,21 @@ def experts_up_func(s: ExpertShapes, block_m: int, block_n: int, gather_rows: bo
                             xs[vb * u_BM + vm, vh] = T.Cast("float32", x[T.min(T.Cast("int64", sorted_ids[vb * u_BM + vm]), n_slots - 1) // u_K, vh]) * T.if_then_else(
                                 u_woi, topk_weights[T.min(T.Cast("int64", sorted_ids[vb * u_BM + vm]), n_slots - 1) // u_K,
                                                     T.min(T.Cast("int64", sorted_ids[vb * u_BM + vm]), n_slots - 1) % u_K], T.float32(1))
-                    for m, c, h in T.grid(u_BM, u_BN, u_H):
-                        with T.sblock("gemm"):
-                            if grid_blocks:
-                                T.where(b < T.Cast("int64", num_blocks[0]))
-                            vt = T.axis.spatial(u_NT, nt)
-                            vb = T.axis.spatial(n_blocks, b)
-                            vm, vc, vh = T.axis.remap("SSR", [m, c, h])
-                            with T.init():
-                                gu[vb * u_BM + vm, vt * u_BN + vc] = T.float32(0)
-                            gu[vb * u_BM + vm, vt * u_BN + vc] += (
-                                xs[vb * u_BM + vm, vh] * T.Cast("float32", w13[T.Cast("int64", block_expert[vb]), vt, vh, vc]))
-                else:
-                    for m, c, h in T.grid(u_BM, u_BN, u_H):
-                        with T.sblock("gemm"):
-                            if grid_blocks:
-                                T.where(b < T.Cast("int64", num_blocks[0]))
-                            vt = T.axis.spatial(u_NT, nt)
-                            vb = T.axis.spatial(n_blocks, b)
-                            vm, vc, vh = T.axis.remap("SSR", [m, c, h])
-                            with T.init():
-                                gu[vb * u_BM + vm, vt * u_BN + vc] = T.float32(0)
-                            gu[vb * u_BM + vm, vt * u_BN + vc] += (
-                                T.Cast("float32", x[T.min(T.Cast("int64", sorted_ids[vb * u_BM + vm]), n_slots - 1) // u_K, vh])
-                                * T.if_then_else(
-                                    u_woi, topk_weights[T.min(T.Cast("int64", sorted_ids[vb * u_BM + vm]), n_slots - 1) // u_K,
-                                                        T.min(T.Cast("int64", sorted_ids[vb * u_BM + vm]), n_slots - 1) % u_K], T.float32(1))
-                                * T.Cast("float32", w13[T.Cast("int64", block_expert[vb]), vt, vh, vc]))
+                for m, c, h in T.grid(u_BM, u_BN, u_H):
+                    with T.sblock("gemm"):
+                        if grid_blocks:
+                            T.where(b < T.Cast("int64", num_blocks[0]))
+                        vt = T.axis.spatial(u_NT, nt)
+                        vb = T.axis.spatial(n_blocks, b)
+                        vm, vc, vh = T.axis.remap("SSR", [m, c, h])
+                        with T.init():
+                            gu[vb * u_BM + vm, vt * u_BN + vc] = T.float32(0)
+                        gu[vb * u_BM + vm, vt * u_BN + vc] += (xs[vb * u_BM + vm, vh] if gather_rows else (
+                            T.Cast("float32", x[T.min(T.Cast("int64", sorted_ids[vb * u_BM + vm]), n_slots - 1) // u_K, vh])
+                            * T.if_then_else(
+                                u_woi, topk_weights[T.min(T.Cast("int64", sorted_ids[vb * u_BM + vm]), n_slots - 1) // u_K,
+                                                    T.min(T.Cast("int64", sorted_ids[vb * u_BM + vm]), n_slots - 1) % u_K],
+                                T.float32(1)))) * T.Cast("float32", w13[T.Cast("int64", block_expert[vb]), vt, vh, vc])
                 for m, c in T.grid(u_BM, u_half):
                     with T.sblock("act"):
                         if grid_blocks:

@@ -55,9 +55,10 @@ def experts_up(func, name: str, cfg: ExpertsConfig) -> s_tir.Schedule:
     _gemm_tile(sch, name, "gemm", "act")
     # the gathered fp32 rows: one BM x Hp tile per block, so the GEMM broadcasts fp32 from cache
     # instead of converting a bf16/fp16 element per row per step
-    gather = sch.get_sblock("gather", func_name=name)
-    *_, rows, cols = sch.get_loops(gather)
-    sch.vectorize(cols)
+    if cfg.gather_rows:
+        gather = sch.get_sblock("gather", func_name=name)
+        *_, rows, cols = sch.get_loops(gather)
+        sch.vectorize(cols)
     return sch
 
 
