@@ -149,6 +149,50 @@ def inspect(artifact):
         click.echo(f"golden: none ({g.get('skipped', 'not recorded')})")
 
 
+@main.group()
+def spec():
+    """Write specs from other descriptions of a model."""
+
+
+@spec.command("from-hf")
+@click.argument("config_path", metavar="CONFIG.json", type=click.Path(dir_okay=False))
+@click.option("--tp", default=1, show_default=True, help="Tensor-parallel size.")
+@click.option("--ep", default=1, show_default=True, help="Expert-parallel size.")
+@click.option("--name", help="Spec name (default: from the model type).")
+@click.option("--out", "-o", "out_path", required=True, type=click.Path(dir_okay=False), help="The spec YAML to write.")
+def spec_from_hf(config_path, tp, ep, name, out_path):
+    """The MoE layer of a Hugging Face config.json (Mixtral, Qwen2-MoE, Qwen3-MoE, DeepSeek-V3, gpt-oss)."""
+    import json
+    import os
+    import tempfile
+
+    import yaml
+
+    from .integrations.hf import spec_from_hf_config
+    from .spec import parse_spec
+
+    try:
+        with open(config_path) as f:
+            cfg = json.load(f)
+    except OSError as e:
+        _fail(f"{config_path}: cannot read ({e.strerror})")
+    except json.JSONDecodeError as e:
+        _fail(f"{config_path}: not valid JSON ({e})")
+    try:
+        data = spec_from_hf_config(cfg, tp=tp, ep=ep, name=name)
+        spec_obj = parse_spec(data)  # the written spec is one moegen build accepts
+    except SpecError as e:
+        _fail(str(e))
+    out = Path(out_path)
+    fd, tmp = tempfile.mkstemp(prefix=f".{out.name}.", dir=out.parent if str(out.parent) else ".")
+    with os.fdopen(fd, "w") as f:
+        f.write(f"# from {config_path} ({cfg.get('model_type')}), spec hash {spec_obj.hash}\n")
+        yaml.safe_dump(data, f, sort_keys=False)
+    os.replace(tmp, out)
+    click.echo(f"wrote {out} ({spec_obj.name}: E={spec_obj.num_experts} K={spec_obj.top_k} "
+               f"H={spec_obj.hidden_size} I={spec_obj.intermediate_size})")
+
+
 @main.command()
 @click.option("--target", "-t", default="cpu-avx512", show_default=True, help="Target to benchmark.")
 @click.option("--shapes", default="mixtral-8x7b,qwen3-30b-a3b,gpt-oss-20b", show_default=True,

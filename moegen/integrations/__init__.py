@@ -1,0 +1,1 @@
+"""Bridges to model libraries (Hugging Face transformers)."""
