@@ -53,8 +53,12 @@ def scheduled_module(spec: MoESpec, target: TargetInfo):
         cfg = ExpertsConfig(**p["config"])
         bm = cfg.block_m
         name = p["name"]
-        funcs[f"dispatch_{name}"] = rule.dispatch(
-            kd.dispatch_func(spec.num_experts, spec.local_experts, spec.top_k, bm), f"dispatch_{name}")
+        if cfg.dispatch_threads:  # GPUs: one thread block, a thread per expert (kernels/dispatch.py)
+            funcs[f"dispatch_{name}"] = rule.dispatch_threads(kd.dispatch_threads_func(
+                spec.num_experts, spec.local_experts, spec.top_k, bm, cfg.dispatch_threads), f"dispatch_{name}")
+        else:
+            funcs[f"dispatch_{name}"] = rule.dispatch(
+                kd.dispatch_func(spec.num_experts, spec.local_experts, spec.top_k, bm), f"dispatch_{name}")
         funcs[f"experts_up_{name}"] = rule.experts_up(
             ke.experts_up_func(shapes, bm, cfg.block_n_up, cfg.gather_rows, cfg.grid_blocks), f"experts_up_{name}", cfg)
         funcs[f"experts_down_{name}"] = rule.experts_down(

@@ -70,3 +70,72 @@ def dispatch_func(num_experts: int, local_experts: int, top_k: int, block_m: int
                         slot_pos[s] = -1
 
     return dispatch
+
+
+def dispatch_threads_func(num_experts: int, local_experts: int, top_k: int, block_m: int, threads: int):
+    """The same contract as dispatch_func, computed by one GPU thread block: thread e owns local
+    experts e, e + threads, ...; each scans the slots in order, so the sort stays stable and needs no
+    atomics (O(El * T * K) work spread over El threads, all reading the same slot ids: broadcasts).
+    An algorithm for thread-parallel hardware, so it names its threads; CPUs use dispatch_func."""
+    d_E, d_El, d_K, d_BM, d_TH = num_experts, local_experts, top_k, block_m, threads
+    d_rounds = (d_El + d_TH - 1) // d_TH  # experts per thread
+    tok = token_var()
+    n_slots = tok * d_K
+    n_blocks = (n_slots + (d_BM - 1)) // d_BM + d_El
+
+    @T.prim_func
+    def dispatch(ids_h: T.handle, map_h: T.handle, counts_h: T.handle, offsets_h: T.handle,
+                 sorted_h: T.handle, bexp_h: T.handle, nblk_h: T.handle, pos_h: T.handle):
+        T.func_attr({"tir.noalias": True})
+        topk_ids = T.match_buffer(ids_h, (tok, d_K), "int32")
+        expert_map = T.match_buffer(map_h, (d_E,), "int32")
+        counts = T.match_buffer(counts_h, (d_El,), "int32")
+        offsets = T.match_buffer(offsets_h, (d_El + 1,), "int64")
+        sorted_ids = T.match_buffer(sorted_h, (n_blocks * d_BM,), "int32")
+        block_expert = T.match_buffer(bexp_h, (n_blocks,), "int32")
+        num_blocks = T.match_buffer(nblk_h, (1,), "int32")
+        slot_pos = T.match_buffer(pos_h, (n_slots,), "int32")
+        bx = T.launch_thread("blockIdx.x", 1)
+        tx = T.launch_thread("threadIdx.x", d_TH)
+        cur = T.alloc_buffer((1,), "int64", scope="local")
+        # 1. each thread counts its experts' slots
+        for r in range(d_rounds):
+            if r * d_TH + tx < d_El:
+                cur[0] = T.int64(0)
+                for s in range(n_slots):
+                    if expert_map[topk_ids[s // d_K, s % d_K]] == r * d_TH + tx:
+                        cur[0] = cur[0] + T.int64(1)
+                counts[r * d_TH + tx] = T.Cast("int32", cur[0])
+        T.tvm_storage_sync("shared")
+        # 2. padded offsets: a prefix sum over El (one thread; El is at most a few hundred)
+        if tx == 0:
+            offsets[0] = T.int64(0)
+            for e in range(d_El):
+                offsets[e + 1] = offsets[e] + T.Cast("int64", (counts[e] + (d_BM - 1)) // d_BM * d_BM)
+            num_blocks[0] = T.Cast("int32", offsets[d_El] // d_BM)
+        T.tvm_storage_sync("shared")
+        # 3. padding rows and unused blocks, every thread a stride of them
+        for r in range((n_blocks * d_BM + (d_TH - 1)) // d_TH):
+            if r * d_TH + tx < n_blocks * d_BM:
+                sorted_ids[r * d_TH + tx] = T.Cast("int32", n_slots)
+        for r in range((n_blocks + (d_TH - 1)) // d_TH):
+            if r * d_TH + tx < n_blocks:
+                block_expert[r * d_TH + tx] = -1
+        for r in range((n_slots + (d_TH - 1)) // d_TH):
+            if r * d_TH + tx < n_slots:
+                if expert_map[topk_ids[(r * d_TH + tx) // d_K, (r * d_TH + tx) % d_K]] < 0:
+                    slot_pos[r * d_TH + tx] = -1
+        T.tvm_storage_sync("shared")
+        # 4. each thread places its experts' slots in ascending order and names its blocks
+        for r in range(d_rounds):
+            if r * d_TH + tx < d_El:
+                cur[0] = offsets[r * d_TH + tx]
+                for s in range(n_slots):
+                    if expert_map[topk_ids[s // d_K, s % d_K]] == r * d_TH + tx:
+                        sorted_ids[cur[0]] = T.Cast("int32", s)
+                        slot_pos[s] = T.Cast("int32", cur[0])
+                        cur[0] = cur[0] + T.int64(1)
+                for b in range(offsets[r * d_TH + tx] // d_BM, offsets[r * d_TH + tx + 1] // d_BM):
+                    block_expert[b] = r * d_TH + tx
+
+    return dispatch

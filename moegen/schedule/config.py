@@ -24,6 +24,7 @@ class ExpertsConfig:
     gather_rows: bool = True  # stage each block's input rows in fp32 before the up GEMM
     grid_blocks: bool = False  # loop over every possible block (predicated): a GPU binds them to the grid
     split_k: int = 1  # GPU: threads (threadIdx.y) sharing one column's reduction
+    dispatch_threads: int = 0  # GPU: threads of the one-block dispatch (0: the serial dispatch)
 
 
 @dataclass(frozen=True)
