@@ -41,31 +41,58 @@ def dispatch_threads(func, name: str) -> s_tir.Schedule:
     return _schedule(func, name)
 
 
-def _tile_gemm(sch: s_tir.Schedule, name: str, gemm: str, acc_scope: str, split_k: int):
-    """(weight tile, sorted block) -> thread block, tile column -> threadIdx.x, and the reduction split
-    over split_k threads (threadIdx.y) whose partial sums TVM combines in a cross-thread reduction.
-    Blocks past num_blocks (the grid covers every possible one) exit at once."""
+def _tile_gemm(sch: s_tir.Schedule, name: str, gemm: str, acc_scope: str, split_k: int,
+               pair_halves: bool = False):
+    """(weight tile, sorted block) -> thread block, tile column -> threadIdx.x. Blocks past num_blocks
+    (the grid covers every possible one) exit at once.
+
+    split_k > 1 (decode, one row per block): the reduction is split over threadIdx.y and TVM combines
+    the partial sums in a cross-thread reduction, which needs the reduction loops innermost.
+    split_k == 1 (several rows per block): each thread keeps its BM row sums in registers, reduction
+    outermost, so each weight element is loaded once for the BM rows; with pair_halves a thread owns
+    the two columns the gated activation combines, so the tile never leaves registers."""
     g = sch.get_sblock(gemm, func_name=name)
     nt, b, m, c, r = sch.get_loops(g)
-    ro, ri = sch.split(r, [None, split_k])
-    sch.reorder(c, m, ri, ro)  # TVM wants the reduction loops innermost for a cross-thread reduction
     sch.bind(nt, "blockIdx.x")
     sch.bind(b, "blockIdx.y")
-    sch.bind(c, "threadIdx.x")
-    sch.bind(ri, "threadIdx.y")
-    sch.set_scope(g, 0, acc_scope)
+    if split_k > 1:
+        ro, ri = sch.split(r, [None, split_k])
+        sch.reorder(c, m, ri, ro)
+        sch.bind(c, "threadIdx.x")
+        sch.bind(ri, "threadIdx.y")
+        sch.set_scope(g, 0, acc_scope)
+        return g
+    if pair_halves:  # thread t owns columns t and t + BN/2: a gate column and its up column
+        ch, cl = sch.split(c, [2, None])
+        sch.reorder(cl, r, m, ch)
+        sch.bind(cl, "threadIdx.x")
+        sch.unroll(ch)
+    else:
+        sch.reorder(c, r, m)
+        sch.bind(c, "threadIdx.x")
+    sch.set_scope(g, 0, "local")
+    sch.unroll(m)
+    sch.decompose_reduction(g, r)
     return g
 
 
 def experts_up(func, name: str, cfg: ExpertsConfig) -> s_tir.Schedule:
     sch = _schedule(func, name)
-    # the activation pairs column c with column c + BN/2 of the tile: another thread's, so shared
-    _tile_gemm(sch, name, "gemm", "shared", cfg.split_k)
     act = sch.get_sblock("act", func_name=name)
+    if cfg.split_k > 1:
+        # the cross-thread reduction leaves each column's sum with one thread; the activation pairs
+        # column c with c + BN/2, another thread's: the tile goes through shared memory
+        _tile_gemm(sch, name, "gemm", "shared", cfg.split_k)
+        *_, m, c = sch.get_loops(act)
+        _, ti = sch.split(sch.fuse(m, c), [None, cfg.block_n_up])
+        sch.bind(ti, "threadIdx.x")
+        return sch
     *_, m, c = sch.get_loops(act)
-    fused = sch.fuse(m, c)
-    _, ti = sch.split(fused, [None, cfg.block_n_up])
-    sch.bind(ti, "threadIdx.x")
+    gated = int(sch.get(c).extent) * 2 == cfg.block_n_up  # act makes BN/2 outputs from BN sums
+    _tile_gemm(sch, name, "gemm", "local", 1, pair_halves=gated)
+    sch.reorder(c, m)
+    sch.bind(c, "threadIdx.x")
+    sch.unroll(m)
     return sch
 
 
