@@ -43,11 +43,16 @@ def scheduled_module(spec: MoESpec, target: TargetInfo):
     from .kernels import experts as ke
     from .kernels import routing as kr
     from .schedule import rules
-    from .schedule.config import ExpertsConfig, load_paths, path_records
+    from .schedule.config import ExpertsConfig, load_paths, load_routing_config, path_records
 
     rule = rules(target.family)
     shapes = expert_shapes(spec)
-    funcs = {"routing": rule.routing(kr.routing_func(spec.num_experts, spec.top_k, spec.router), "routing")}
+    warps = load_routing_config(target.family).get("warps_per_block", 0)
+    if warps and not spec.router.grouped:  # GPUs: a warp per token (kernels/routing.py)
+        funcs = {"routing": rule.routing_warps(
+            kr.routing_warp_func(spec.num_experts, spec.top_k, spec.router, warps), "routing")}
+    else:
+        funcs = {"routing": rule.routing(kr.routing_func(spec.num_experts, spec.top_k, spec.router), "routing")}
     paths = path_records(load_paths(target.family), shapes)
     for p in paths:
         cfg = ExpertsConfig(**p["config"])

@@ -123,3 +123,99 @@ def routing_func(num_experts: int, top_k: int, router: RouterSpec):
                         topk_weights[vt, k] = topk_weights[vt, k] * T.float32(r_scale)
 
     return routing
+
+
+def routing_warp_func(num_experts: int, top_k: int, router: RouterSpec, warps: int):
+    """The same contract as routing_func, one warp per token: lane l holds experts l, l + 32, ...;
+    maxima, sums and each of the K argmaxes are warp shuffles (ties: the lower index, as routing_func).
+    An algorithm for 32-lane hardware, so it names its threads. Grouped top-k is not covered: those
+    specs use routing_func."""
+    assert not router.grouped, "grouped top-k routes with routing_func"
+    w_E, w_K, w_W = num_experts, top_k, warps
+    w_L = (w_E + 31) // 32  # experts per lane
+    w_softmax = router.scoring == "softmax"
+    w_use_bias = router.correction_bias
+    w_renorm = router.renormalize
+    w_scale = float(router.routed_scaling_factor)
+    tok = token_var()
+
+    @T.prim_func
+    def routing(logits_h: T.handle, bias_h: T.handle, ids_h: T.handle, weights_h: T.handle):
+        T.func_attr({"tir.noalias": True})
+        logits = T.match_buffer(logits_h, (tok, w_E), "float32")
+        bias = T.match_buffer(bias_h, (w_E,), "float32")
+        topk_ids = T.match_buffer(ids_h, (tok, w_K), "int32")
+        topk_weights = T.match_buffer(weights_h, (tok, w_K), "float32")
+        bx = T.launch_thread("blockIdx.x", (tok + (w_W - 1)) // w_W)
+        ty = T.launch_thread("threadIdx.y", w_W)
+        tx = T.launch_thread("threadIdx.x", 32)
+        sc = T.alloc_buffer((w_L,), "float32", scope="local")
+        ch = T.alloc_buffer((w_L,), "float32", scope="local")
+        tk = T.alloc_buffer((w_L,), "int32", scope="local")
+        red = T.alloc_buffer((6,), "float32", scope="local")  # max, sum, best choice, its score, picked sum, tmp
+        idx = T.alloc_buffer((2,), "int32", scope="local")  # best expert, tmp
+        if bx * w_W + ty < tok:
+            for j in range(w_L):
+                if j * 32 + tx < w_E:
+                    sc[j] = logits[bx * w_W + ty, j * 32 + tx]
+                    tk[j] = 0
+                else:
+                    sc[j] = T.float32(NEG_INF)
+                    tk[j] = 1
+            if w_softmax:
+                red[0] = T.float32(NEG_INF)
+                for j in range(w_L):
+                    red[0] = T.max(red[0], sc[j])
+                for o in range(5):
+                    red[0] = T.max(red[0], T.tvm_warp_shuffle_xor(T.uint32(0xFFFFFFFF), red[0], 16 >> o, 32, 32))
+                red[1] = T.float32(0)
+                for j in range(w_L):
+                    if tk[j] == 0:
+                        sc[j] = T.exp(sc[j] - red[0])
+                        red[1] = red[1] + sc[j]
+                for o in range(5):
+                    red[1] = red[1] + T.tvm_warp_shuffle_xor(T.uint32(0xFFFFFFFF), red[1], 16 >> o, 32, 32)
+                for j in range(w_L):
+                    sc[j] = sc[j] / red[1]
+            else:
+                for j in range(w_L):
+                    sc[j] = T.sigmoid(sc[j])
+            for j in range(w_L):
+                if w_use_bias:
+                    ch[j] = sc[j] + T.if_then_else(j * 32 + tx < w_E, bias[T.min(j * 32 + tx, w_E - 1)], T.float32(0))
+                else:
+                    ch[j] = sc[j]
+            red[4] = T.float32(0)
+            for k in range(w_K):
+                red[2] = T.float32(NEG_INF)
+                red[3] = T.float32(0)
+                idx[0] = w_E
+                for j in range(w_L):
+                    if tk[j] == 0:
+                        if ch[j] > red[2] or idx[0] == w_E:
+                            red[2] = ch[j]
+                            red[3] = sc[j]
+                            idx[0] = j * 32 + tx
+                for o in range(5):
+                    red[5] = T.tvm_warp_shuffle_xor(T.uint32(0xFFFFFFFF), red[2], 16 >> o, 32, 32)
+                    idx[1] = T.tvm_warp_shuffle_xor(T.uint32(0xFFFFFFFF), idx[0], 16 >> o, 32, 32)
+                    red[1] = T.tvm_warp_shuffle_xor(T.uint32(0xFFFFFFFF), red[3], 16 >> o, 32, 32)
+                    if idx[1] < w_E:
+                        if idx[0] == w_E or red[5] > red[2] or (red[5] == red[2] and idx[1] < idx[0]):
+                            red[2] = red[5]
+                            red[3] = red[1]
+                            idx[0] = idx[1]
+                if idx[0] % 32 == tx:
+                    tk[idx[0] // 32] = 1
+                red[4] = red[4] + red[3]
+                if tx == 0:
+                    topk_ids[bx * w_W + ty, k] = idx[0]
+                    topk_weights[bx * w_W + ty, k] = red[3]
+            if tx == 0:
+                for k in range(w_K):
+                    if w_renorm:
+                        topk_weights[bx * w_W + ty, k] = topk_weights[bx * w_W + ty, k] / red[4] * T.float32(w_scale)
+                    else:
+                        topk_weights[bx * w_W + ty, k] = topk_weights[bx * w_W + ty, k] * T.float32(w_scale)
+
+    return routing

@@ -96,3 +96,10 @@ def path_records(paths: list[PathConfig], shapes: ExpertShapes) -> list[dict]:
     """What the manifest stores of each path: its bucket bound and the config fitted to this layer."""
     return [{"name": p.name, "max_rows_per_expert": p.max_rows_per_expert,
              "config": dataclasses.asdict(fit_config(p.experts, shapes))} for p in paths]
+
+
+def load_routing_config(family: str) -> dict:
+    """The optional `routing:` section of schedules/<family>.yaml (GPU: warps_per_block)."""
+    import yaml
+
+    return dict((yaml.safe_load((SCHEDULES_DIR / f"{family}.yaml").read_text()) or {}).get("routing") or {})

@@ -26,6 +26,11 @@ def routing(func, name: str, threads: int = 128) -> s_tir.Schedule:
     return sch
 
 
+def routing_warps(func, name: str) -> s_tir.Schedule:
+    """kernels.routing.routing_warp_func names its threads itself: nothing left to schedule."""
+    return _schedule(func, name)
+
+
 def dispatch(func, name: str) -> s_tir.Schedule:
     """The serial dispatch on one thread (kept for comparison: dispatch_threads replaces it)."""
     sch = _schedule(func, name)
