@@ -47,3 +47,18 @@ def test_cuda_functions_keep_the_token_count_symbolic(artifact):
     m = read_manifest(artifact("tiny", "cuda-sm90"))
     x = next(a for a in m["functions"]["experts_up_decode"] if a["name"] == "x")
     assert not x["shape"][0].isdigit() and x["shape"][1] == "128"
+
+
+def test_gpu_routing_is_a_warp_per_token_unless_grouped(artifact):
+    """schedules/cuda.yaml asks for warp routing; grouped top-k (DeepSeek) keeps a thread per token.
+    (Their numbers are checked on a GPU: scripts/gpu_check.py.)"""
+    plain = (artifact("tiny", "cuda-sm90") / "moe.cu").read_text()
+    grouped = (artifact("deepseek-v3-small", "cuda-sm90") / "moe.cu").read_text()
+
+    def routing(src: str) -> str:  # the routing kernel's definition, up to the next kernel
+        start = src.index("routing_kernel(", src.index("routing_kernel(") + 1)
+        end = src.find('extern "C" __global__', start)
+        return src[start:end if end > 0 else None]
+
+    assert "__shfl_xor_sync" in routing(plain)
+    assert "__shfl_xor_sync" not in routing(grouped)
