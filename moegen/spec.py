@@ -176,9 +176,11 @@ def _choice(d: Mapping, key: str, prefix: str, choices: tuple[str, ...], default
 
 
 def _float(d: Mapping, key: str, prefix: str, default: float, positive: bool = True) -> float:
+    import math
+
     v = d.get(key, default)
-    if isinstance(v, bool) or not isinstance(v, (int, float)) or (positive and not v > 0):
-        raise SpecError(prefix + key, v, "a number > 0" if positive else "a number")
+    if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or (positive and not v > 0):
+        raise SpecError(prefix + key, v, "a finite number > 0" if positive else "a finite number")
     return float(v)
 
 
@@ -253,6 +255,10 @@ def parse_spec(data: Any) -> MoESpec:
     q = _section(data, "quant")
     _take(q, ("scheme", "group_size", "zero_points", "granularity", "block"), "quant.")
     scheme = _choice(q, "scheme", "quant.", QUANT_SCHEMES, "none")
+    if scheme == "none":
+        for k in ("group_size", "granularity", "block", "zero_points"):
+            if q.get(k) not in (None, False):
+                raise SpecError(f"quant.{k}", q[k], "unset with quant.scheme none (it has no effect there)")
     if scheme not in SUPPORTED_QUANT:
         raise SpecError("quant.scheme", scheme, " | ".join(SUPPORTED_QUANT) + f" ({scheme} is not yet supported)")
     quant = QuantSpec(scheme=scheme)

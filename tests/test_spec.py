@@ -582,3 +582,27 @@ def test_contract_optional_names_absent_by_default():
 
 def test_spec_type():
     assert isinstance(parse_spec(BASE), MoESpec)
+
+
+@pytest.mark.parametrize("field,value", [("swiglu_alpha", float("inf")), ("swiglu_limit", float("nan")),
+                                         ("router.routed_scaling_factor", float("inf"))])
+def test_non_finite_numbers_are_refused(field, value):
+    data = {"name": "x", "dtype": "float32", "hidden_size": 8, "intermediate_size": 8, "num_experts": 4, "top_k": 2}
+    if "." in field:
+        section, key = field.split(".")
+        data[section] = {key: value}
+    else:
+        data[field] = value
+    with pytest.raises(SpecError) as e:
+        parse_spec(data)
+    assert e.value.field == field and "finite" in str(e.value)
+
+
+@pytest.mark.parametrize("key,value", [("group_size", 128), ("granularity", "per-tensor"), ("block", [128, 128]),
+                                       ("zero_points", True)])
+def test_quant_fields_without_a_scheme_are_refused(key, value):
+    data = {"name": "x", "dtype": "float32", "hidden_size": 8, "intermediate_size": 8, "num_experts": 4, "top_k": 2,
+            "quant": {"scheme": "none", key: value}}
+    with pytest.raises(SpecError) as e:
+        parse_spec(data)
+    assert e.value.field == f"quant.{key}"
