@@ -24,6 +24,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from ..reference import activation_ref  # pure torch, shared with the oracle
 from ..spec import OPTIONAL_WEIGHTS, MoESpec, spec_from_dict, weights_contract
 from . import packing
 from .loader import load_artifact
@@ -56,20 +57,6 @@ def expert_map(spec: MoESpec, ep_rank: int) -> torch.Tensor:
     else:
         owner, local = e % ep, e // ep
     return torch.where(owner == ep_rank, local, -1).to(torch.int32)
-
-
-def _activation(gu: torch.Tensor, spec: MoESpec) -> torch.Tensor:
-    """Shared-expert activation in torch (the shared MLP is a dense layer: torch's GEMMs serve it)."""
-    if spec.activation == "relu2":
-        return torch.relu(gu).square()
-    g, u = gu.chunk(2, dim=-1)
-    if spec.activation == "silu":
-        return F.silu(g) * u
-    if spec.activation == "gelu":
-        return F.gelu(g) * u
-    g = g.clamp(max=spec.swiglu_limit)
-    u = u.clamp(-spec.swiglu_limit, spec.swiglu_limit)
-    return (u + 1) * g * torch.sigmoid(spec.swiglu_alpha * g)
 
 
 class MoERunner:
@@ -351,7 +338,9 @@ class MoERunner:
         EP rank 0 contributes: the group's sum is then the shared output once."""
         if self.ep_rank != 0:
             return x.new_zeros(x.shape[0], self.spec.hidden_size)
-        y = F.linear(_activation(F.linear(x, self.shared_w13), self.spec), self.shared_w2)  # [T, H]
+        spec = self.spec  # the shared MLP is a dense layer: torch's GEMMs serve it, in the model dtype
+        act = activation_ref(F.linear(x, self.shared_w13), spec.activation, spec.swiglu_alpha, spec.swiglu_limit)
+        y = F.linear(act, self.shared_w2)  # [T, H]
         if self.shared_gate is not None:
             y = y * torch.sigmoid(F.linear(x, self.shared_gate))
         return y
