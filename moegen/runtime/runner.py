@@ -19,10 +19,12 @@ Every buffer comes from torch's allocator on the input's device; nothing synchro
 
 from __future__ import annotations
 
+import contextlib
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+import tvm_ffi
 
 from ..reference import activation_ref  # pure torch, shared with the oracle
 from ..spec import OPTIONAL_WEIGHTS, MoESpec, spec_from_dict, weights_contract
@@ -204,8 +206,9 @@ class MoERunner:
         bias = weights.get("e_score_correction_bias")
         self.correction_bias = (bias.to(dev, torch.float32) if bias is not None
                                 else torch.zeros(spec.num_experts, dtype=torch.float32, device=dev))
-        self.gate = weights["gate"].to(dev) if "gate" in weights else None
-        self.gate_bias = weights["gate_bias"].to(dev) if "gate_bias" in weights else None
+        # the router computes in fp32: convert the gate once here, not on every forward
+        self.gate = weights["gate"].to(dev, torch.float32) if "gate" in weights else None
+        self.gate_bias = weights["gate_bias"].to(dev, torch.float32) if "gate_bias" in weights else None
         self.latent_proj = weights["latent_proj"].to(dev) if spec.latent_size is not None else None
         if spec.shared_experts is not None:
             self.shared_w13 = weights["shared_w13"].to(dev)
@@ -266,8 +269,7 @@ class MoERunner:
         x = hidden_states.contiguous()
         xr = F.linear(x, self.latent_proj) if self.latent_proj is not None else x  # [T, Hr]
         if self.gate is not None:  # the runner holds the gate: logits of the routed input, in fp32
-            router_logits = F.linear(xr.float(), self.gate.float(),
-                                     None if self.gate_bias is None else self.gate_bias.float())
+            router_logits = F.linear(xr.float(), self.gate, self.gate_bias)
         logits = router_logits.to(torch.float32).contiguous()  # [T, E]
         sp = spec.parallel.sequence_parallel and self._group_size() > 1
         if sp:
@@ -403,8 +405,4 @@ class MoERunner:
             f[f"combine_{name}"](b["y"], b["slot_pos"], out)
 
     def _stream(self):
-        import contextlib
-
-        import tvm_ffi
-
         return tvm_ffi.use_torch_stream() if self.device.type == "cuda" else contextlib.nullcontext()
