@@ -36,7 +36,7 @@ clean:
 GPU_TARGET ?= cuda-sm90
 GPU_SPECS := examples/specs/tiny.yaml examples/specs/deepseek-v3-small.yaml examples/specs/gpt-oss-small.yaml \
              examples/specs/latent-small.yaml examples/specs/qwen3-30b-a3b.yaml
-WHEELS := apache-tvm-ffi==0.1.14.post1 click==8.5.1 PyYAML==6.0.4 onnx==1.23.2 protobuf==7.36.2 ml_dtypes==0.6.0
+WHEELS := apache-tvm-ffi==0.1.14.post1 click==8.5.1 PyYAML==6.0.4 onnx==1.23.2 protobuf==7.36.2 ml_dtypes==0.6.0 transformers==5.24.0
 
 gpu-bundle:
 	rm -rf gpu-bundle && mkdir -p gpu-bundle/whl
