@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 TARGET ?= cpu-avx512
 
-.PHONY: setup test demo bench clean gpu-bundle
+.PHONY: setup test demo bench clean gpu-bundle bench-gpu
 
 # A fresh machine to a working checkout: a virtualenv with every dependency at the pinned version.
 # torch first and alone: `pip install torch==2.13.0` takes the CPU build from this box's disk, while a
@@ -33,6 +33,8 @@ clean:
 # cp312 wheels of the runtime's dependencies, and the check scripts. On the GPU box, from the repo root:
 #   pip install --no-deps --target /tmp/site gpu-bundle/whl/*.whl && PYTHONPATH=/tmp/site:. \
 #   python3 scripts/gpu_check.py && python3 scripts/nccl_check.py   (2 GPUs)
+# and the GPU bench (scripts/specs/ holds the real-size shapes it times; see bench-gpu below):
+#   PYTHONPATH=/tmp/site:. make bench-gpu PY=python3
 GPU_TARGET ?= cuda-sm90
 GPU_SPECS := examples/specs/tiny.yaml examples/specs/deepseek-v3-small.yaml examples/specs/gpt-oss-small.yaml \
              examples/specs/latent-small.yaml examples/specs/qwen3-30b-a3b.yaml
@@ -46,3 +48,12 @@ gpu-bundle:
 	  --platform manylinux_2_28_x86_64 --platform manylinux_2_27_x86_64 --platform manylinux_2_17_x86_64 \
 	  --platform manylinux2014_x86_64 -d gpu-bundle/whl $(WHEELS)
 	du -sh gpu-bundle
+
+# On the GPU box (after the set-up above; torch + triton there, no TVM): moegen vs the eager loop,
+# torch._grouped_mm and the Triton fused MoE on the prebuilt gpu-bundle/artifacts, under CUDA graphs;
+# about 5 minutes on an H100 for 4 shapes x 6 token counts. Narrow it with BENCH_GPU_FLAGS, e.g.
+#   make bench-gpu PY=python3 BENCH_GPU_FLAGS="--shapes qwen3-30b-a3b --tokens 1,16"
+BENCH_GPU_FLAGS ?=
+bench-gpu:
+	$(PY) -m moegen.cli bench --target $(GPU_TARGET) --artifacts gpu-bundle/artifacts --json docs/bench-h100.json \
+	  --plot docs/bench-h100.png $(BENCH_GPU_FLAGS)
