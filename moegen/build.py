@@ -34,9 +34,41 @@ def expert_shapes(spec: MoESpec):
                         weight_on_input=spec.router.apply_weight_on_input)
 
 
-def scheduled_module(spec: MoESpec, target: TargetInfo):
+def schedule_source(target: TargetInfo, schedules: Path | str | None = None) -> tuple[Path, dict, dict]:
+    """The schedules file a build uses (`schedules`, else schedules/<target>.yaml, else
+    schedules/<family>.yaml), its checked contents, and what the manifest records of it."""
+    from .artifact import sha256_file
+    from .schedule.config import SCHEDULES_DIR, read_schedule, schedule_file
+
+    path = Path(schedules) if schedules is not None else schedule_file(target.name)
+    data = read_schedule(path)
+    try:
+        shown = path.resolve().relative_to(SCHEDULES_DIR.parent).as_posix()
+    except ValueError:
+        shown = path.name
+    return path, data, {"file": shown, "sha256": sha256_file(path), "override": schedules is not None}
+
+
+def check_schedule(paths, shapes, source: str) -> None:
+    """Every path's config, fitted to this layer, must pass config_ok (ScheduleError names the path)."""
+    import dataclasses
+
+    from .schedule.config import ScheduleError, config_ok, fit_config
+
+    for i, p in enumerate(paths):
+        try:
+            why = config_ok(fit_config(p.experts, shapes), shapes)
+        except AssertionError as e:
+            why = str(e)
+        if why is not None:
+            raise ScheduleError(f"schedules file {source}: paths[{i}].experts ({p.name}): {why} "
+                                f"(config {dataclasses.asdict(p.experts)})")
+
+
+def scheduled_module(spec: MoESpec, target: TargetInfo, schedule: dict | None = None):
     """Every function of the artifact, scheduled: routing, then dispatch/experts_up/experts_down/combine
-    per path. Returns (IRModule, [path dicts for the manifest])."""
+    per path. `schedule`: the contents of a schedules file (default: schedule_source(target)).
+    Returns (IRModule, [path dicts for the manifest])."""
     import tvm
 
     from .kernels import dispatch as kd
@@ -47,13 +79,19 @@ def scheduled_module(spec: MoESpec, target: TargetInfo):
 
     rule = rules(target.family)
     shapes = expert_shapes(spec)
-    warps = load_routing_config(target.family).get("warps_per_block", 0)
+    source = target.name
+    if schedule is None:
+        path, schedule, _ = schedule_source(target)
+        source = str(path)
+    warps = load_routing_config(target.name, schedule).get("warps_per_block", 0)
     if warps and not spec.router.grouped:  # GPUs: a warp per token (kernels/routing.py)
         funcs = {"routing": rule.routing_warps(
             kr.routing_warp_func(spec.num_experts, spec.top_k, spec.router, warps), "routing")}
     else:
         funcs = {"routing": rule.routing(kr.routing_func(spec.num_experts, spec.top_k, spec.router), "routing")}
-    paths = path_records(load_paths(target.family), shapes)
+    configs = load_paths(target.name, schedule)
+    check_schedule(configs, shapes, source)
+    paths = path_records(configs, shapes)
     for p in paths:
         cfg = ExpertsConfig(**p["config"])
         bm = cfg.block_m
@@ -180,15 +218,22 @@ def golden_data(spec: MoESpec, root: Path, tokens=GOLDEN_TOKENS, seed: int = GOL
 
 
 def build(spec: MoESpec, target_name: str, out_root: Path, *, golden: bool = True,
-          progress: Callable[[str], None] = lambda msg: None) -> Path:
+          progress: Callable[[str], None] = lambda msg: None, schedules: Path | str | None = None) -> Path:
     """Build the artifact at out_root/<spec.name>/<target_name> and return that path.
+
+    `schedules`: a schedules YAML to use instead of schedules/<target>.yaml or schedules/<family>.yaml
+    (moegen.schedule.config.read_schedule checks it; ScheduleError before anything is written).
 
     Everything is written into a temporary sibling directory first and renamed into place at the
     end, so a failed build leaves nothing behind and a reader never sees a half-written artifact.
     """
     import tvm
 
+    from .schedule.config import load_paths
+
     target = load_target(target_name)
+    sched_path, sched_data, sched_record = schedule_source(target, schedules)
+    check_schedule(load_paths(target.name, sched_data), expert_shapes(spec), str(sched_path))
     final = Path(out_root) / spec.name / target.name
     made_parent = not final.parent.exists()
     final.parent.mkdir(parents=True, exist_ok=True)
@@ -196,8 +241,8 @@ def build(spec: MoESpec, target_name: str, out_root: Path, *, golden: bool = Tru
     tmp.chmod(0o755)  # mkdtemp makes it private; the artifact is meant to be shared
     try:
         t0 = time.perf_counter()
-        progress(f"[1/5] kernels: routing, dispatch, experts ({target.family} schedules)")
-        mod, paths = scheduled_module(spec, target)
+        progress(f"[1/5] kernels: routing, dispatch, experts (schedules {sched_record['file']})")
+        mod, paths = scheduled_module(spec, target, sched_data)
         progress(f"[2/5] compiling {len(mod.functions)} functions for {target.tvm}")
         ex = compile_module(mod, target)
         progress("[3/5] exporting the shared library" + (" (nvcc)" if target.family == "cuda" else ""))
@@ -223,6 +268,7 @@ def build(spec: MoESpec, target_name: str, out_root: Path, *, golden: bool = Tru
             "runtime_libraries": runtime_libs,
             "functions": describe_functions(mod),
             "paths": paths,
+            "schedules": sched_record,
             "golden": gold,
             "build_seconds": round(time.perf_counter() - t0, 2),
             "files": hash_files(tmp),

@@ -59,8 +59,11 @@ def main():
 @click.option("--out", "-o", "out_dir", default="artifacts", show_default=True, type=click.Path(file_okay=False),
               help="Artifacts root: the build writes <out>/<spec name>/<target>/.")
 @click.option("--no-golden", is_flag=True, help="Skip golden data (reference outputs) in the artifact.")
-def build(spec_path, target, out_dir, no_golden):
+@click.option("--schedules", "schedules", type=click.Path(dir_okay=False),
+              help="A schedules YAML to use instead of schedules/<target>.yaml or schedules/<family>.yaml.")
+def build(spec_path, target, out_dir, no_golden, schedules):
     """Build SPEC for a target into an artifact directory (written atomically)."""
+    from .schedule.config import ScheduleError
     from .spec import load_spec
     from .targets import available_targets
 
@@ -75,9 +78,9 @@ def build(spec_path, target, out_dir, no_golden):
     t0 = time.perf_counter()
     click.echo(f"building {spec.name} (spec {spec.hash}) for {target}")
     try:
-        path = do_build(spec, target, Path(out_dir), golden=not no_golden,
+        path = do_build(spec, target, Path(out_dir), golden=not no_golden, schedules=schedules,
                         progress=lambda m: click.echo(f"  {m}  ({time.perf_counter() - t0:.1f} s)"))
-    except (ArtifactError, SpecError) as e:
+    except (ArtifactError, SpecError, ScheduleError) as e:
         _fail(str(e))
     except Exception as e:  # noqa: BLE001 - one line, exit 3
         _internal(e)
@@ -194,83 +197,101 @@ def spec_from_hf(config_path, tp, ep, name, out_path):
 
 
 @main.command()
-@click.option("--target", "-t", default="cpu-avx512", show_default=True,
-              help="Target to benchmark: a CPU target, or cuda-sm90 on a GPU box (prebuilt artifacts, no TVM).")
-@click.option("--shapes", default=None,
-              help="Comma-separated example specs (examples/specs/<name>.yaml; CUDA: artifact names). "
-                   "[default: mixtral-8x7b,qwen3-30b-a3b,gpt-oss-20b; CUDA: + deepseek-v3]")
-@click.option("--tokens", default=None, callback=lambda c, p, v: None if v is None else _token_list(v),
-              help="Comma-separated token counts. [default: 1,16,128; CUDA: 1,16,64,256,1024,4096]")
+@click.option("--target", "-t", default="cpu-avx512", show_default=True, help="Target to benchmark.")
+@click.option("--shapes", default="mixtral-8x7b,qwen3-30b-a3b,gpt-oss-20b", show_default=True,
+              help="Comma-separated example specs (examples/specs/<name>.yaml).")
+@click.option("--tokens", default="1,16,128", show_default=True, callback=lambda c, p, v: _token_list(v))
 @click.option("--out", "-o", "out_dir", default="artifacts", show_default=True, type=click.Path(file_okay=False),
-              help="CPU: where the benchmarked artifacts are built (reused when the spec is unchanged).")
-@click.option("--artifacts", "artifacts_dir", default="gpu-bundle/artifacts", show_default=True,
-              type=click.Path(file_okay=False), help="CUDA: the prebuilt artifacts, <DIR>/<shape>/<target> "
-                                                     "(make gpu-bundle); nothing is built on the GPU box.")
-@click.option("--json", "json_path", type=click.Path(dir_okay=False), help="Also write the results as JSON.")
+              help="Where the benchmarked artifacts are built (reused when the spec is unchanged).")
+@click.option("--json", "json_path", type=click.Path(dir_okay=False), help="Also write the rows as JSON.")
 @click.option("--repeats", default=5, show_default=True, help="Timed runs per contender (median reported).")
-@click.option("--replays", default=10, show_default=True, help="CUDA: graph replays per repeat.")
-@click.option("--triton-configs", default=0, show_default=True,
-              help="CUDA: sweep only the first N Triton configs of each token bucket (0: all, 6-7).")
-@click.option("--contenders", default=None,
-              help="CUDA: a comma-separated subset of moegen,eager,grouped_mm,triton [default: all].")
-@click.option("--plot", "plot_path", type=click.Path(dir_okay=False), help="CUDA: also write the roofline PNG.")
-def bench(target, shapes, tokens, out_dir, artifacts_dir, json_path, repeats, replays, triton_configs,
-          contenders, plot_path):
-    """Time moegen against its baselines, with the floor measured in the same run.
-
-    \b
-    CPU: moegen vs the eager PyTorch loop (builds the artifacts).
-    cuda-sm90: moegen vs the eager loop, torch._grouped_mm and a Triton fused MoE, under CUDA graphs.
-    """
-    from .targets import load_target
-
-    try:
-        family = load_target(target).family
-    except SpecError as e:
-        _fail(str(e))
-    shape_list = [s for s in shapes.split(",") if s] if shapes else None
-    if family == "cuda":
-        from .bench_cuda import DEFAULT_SHAPES, DEFAULT_TOKENS, BenchUnavailable, run_bench_cuda
-
-        try:
-            run_bench_cuda(target, shape_list or list(DEFAULT_SHAPES), tokens or list(DEFAULT_TOKENS),
-                           Path(artifacts_dir), json_path=json_path, plot_path=plot_path, repeats=repeats,
-                           replays=replays, triton_configs=triton_configs,
-                           contenders=[c for c in contenders.split(",") if c] if contenders else None,
-                           echo=click.echo)
-        except (ArtifactError, SpecError, BenchUnavailable) as e:
-            _fail(str(e))
-        return
+def bench(target, shapes, tokens, out_dir, json_path, repeats):
+    """Time moegen against the eager PyTorch loop, with the floor measured in the same run."""
     from .bench import run_bench
 
     try:
-        run_bench(target, shape_list or ["mixtral-8x7b", "qwen3-30b-a3b", "gpt-oss-20b"], tokens or [1, 16, 128],
-                  Path(out_dir), json_path=json_path, repeats=repeats, echo=click.echo)
+        run_bench(target, [s for s in shapes.split(",") if s], tokens, Path(out_dir), json_path=json_path,
+                  repeats=repeats, echo=click.echo)
     except (ArtifactError, SpecError) as e:
         _fail(str(e))
 
 
-@main.command("bench-plot")
-@click.argument("report_path", metavar="BENCH_JSON", type=click.Path(exists=True, dir_okay=False))
-@click.option("--out", "-o", "out_path", default="roofline.png", show_default=True, type=click.Path(dir_okay=False),
-              help="The PNG to write.")
-def bench_plot(report_path, out_path):
-    """Plot a `moegen bench --target cuda-sm90 --json` result: roofline and % of floor per cell (PNG)."""
-    import json
+# ---- tune: candidate schedule configs timed on the device (moegen/tune.py) -----------------------------
 
-    from .bench_cuda import SCHEMA, plot_report
+
+@main.group()
+def tune():
+    """Time candidate schedule configs on the device and write the winners as a schedules file.
+
+    \b
+    CPU box (TVM + nvcc):  moegen tune build SPEC --target cuda-sm90 -o TUNE_DIR
+    GPU box (torch + tvm-ffi only):
+                           moegen tune run TUNE_DIR --out schedules/cuda-sm90.yaml
+    """
+
+
+@tune.command("build")
+@click.argument("spec_path", metavar="SPEC", type=click.Path(dir_okay=False))
+@click.option("--target", "-t", required=True, help="A target from targets/ (cuda-sm90, cpu-avx512, ...).")
+@click.option("--candidates", "candidates_path", type=click.Path(dir_okay=False),
+              help="Candidates YAML (base/grid/configs). Default: schedules/candidates/<family>.yaml.")
+@click.option("--out", "-o", "out_dir", required=True, type=click.Path(file_okay=False),
+              help="The tune directory: <id>/ per candidate artifact, and candidates.json.")
+def tune_build(spec_path, target, candidates_path, out_dir):
+    """Build every candidate config that fits SPEC as a one-path artifact (no golden data)."""
+    from .schedule.config import ScheduleError
+    from .spec import load_spec
+    from .targets import available_targets, load_target
+    from .tune import CANDIDATES_DIR, TuneError, build_candidates
 
     try:
-        report = json.loads(Path(report_path).read_text())
-    except (OSError, ValueError) as e:
-        _fail(f"{report_path}: not a JSON file ({e})")
-    if not isinstance(report, dict) or report.get("schema") != SCHEMA:
-        _fail(f"{report_path}: not a CUDA bench report (schema {SCHEMA}, from moegen bench --target cuda-sm90 --json)")
+        spec_obj = load_spec(spec_path)
+    except SpecError as e:
+        _fail(str(e))
+    if target not in available_targets():
+        _fail(f"option '--target': got {target!r}; allowed: {' | '.join(available_targets())}")
+    if candidates_path is None:
+        candidates_path = CANDIDATES_DIR / f"{load_target(target).family}.yaml"
+    t0 = time.perf_counter()
     try:
-        import matplotlib  # noqa: F401
-    except ImportError:
-        _fail("bench-plot needs matplotlib: pip install matplotlib (the dev extra pins it)")
-    click.echo(f"wrote {plot_report(report, out_path)}")
+        doc = build_candidates(spec_obj, target, candidates_path, Path(out_dir), echo=click.echo)
+    except (ArtifactError, SpecError, ScheduleError, TuneError) as e:
+        _fail(str(e))
+    except Exception as e:  # noqa: BLE001 - one line, exit 3
+        _internal(e)
+    click.echo(f"wrote {Path(out_dir) / 'candidates.json'}: {len(doc['candidates'])} candidates "
+               f"in {time.perf_counter() - t0:.1f} s")
+
+
+@tune.command("run")
+@click.argument("tune_dir", type=click.Path(file_okay=False))
+@click.option("--tokens", default="1,16,64,256,1024,4096", show_default=True,
+              callback=lambda c, p, v: _token_list(v), help="Token counts to time (>= 1).")
+@click.option("--out", "-o", "out_path", required=True, type=click.Path(dir_okay=False),
+              help="The schedules YAML to write (e.g. schedules/cuda-sm90.yaml).")
+@click.option("--device", default="auto", show_default=True, help="cpu, cuda, cuda:N; auto: the target's kind.")
+@click.option("--weights-seed", default=0, show_default=True, help="Seed of the random weights and inputs.")
+@click.option("--check-tokens", default="1,33,257", show_default=True, callback=lambda c, p, v: _token_list(v),
+              help="Token counts at which every candidate is checked against the reference first.")
+@click.option("--repeats", default=5, show_default=True, type=click.IntRange(1, 100),
+              help="Timed repeats per cell (median reported).")
+def tune_run(tune_dir, tokens, out_path, device, weights_seed, check_tokens, repeats):
+    """Check and time every candidate of TUNE_DIR; write the winners as a schedules file.
+
+    Needs torch and tvm-ffi only (no apache-tvm). Exits 1 when every candidate is rejected.
+    """
+    from .tune import AllRejected, TuneError, run_tuning
+
+    try:
+        run_tuning(Path(tune_dir), tokens, Path(out_path), device=device, weights_seed=weights_seed,
+                   check_tokens=tuple(check_tokens), repeats=repeats, echo=click.echo)
+    except TuneError as e:
+        _fail(str(e))
+    except AllRejected as e:
+        click.echo(f"FAILED: {e}", err=True)
+        sys.exit(1)
+    except Exception as e:  # noqa: BLE001 - one line, exit 3
+        _internal(e)
 
 
 if __name__ == "__main__":

@@ -77,19 +77,121 @@ def fit_config(cfg: ExpertsConfig, shapes: ExpertShapes) -> ExpertsConfig:
     return fitted
 
 
-def load_paths(family: str, data: dict[str, Any] | None = None) -> list[PathConfig]:
-    """Paths for a target family from schedules/<family>.yaml (or `data`), last one unbounded."""
-    if data is None:
-        import yaml
+class ScheduleError(ValueError):
+    """A schedules file that cannot be used: one line naming the file, the field and what is allowed."""
 
-        data = yaml.safe_load((SCHEDULES_DIR / f"{family}.yaml").read_text())
-    paths = [PathConfig(name=p["name"], max_rows_per_expert=p.get("max_rows_per_expert"),
-                        experts=ExpertsConfig(**p["experts"])) for p in data["paths"]]
-    if not paths or paths[-1].max_rows_per_expert is not None:
-        raise ValueError(f"schedules/{family}.yaml: the last path must have max_rows_per_expert: null")
+
+def schedule_file(target: str) -> Path:
+    """schedules/<target name>.yaml (tuned for that target) when present, else schedules/<family>.yaml.
+    `target` may also be a family name (cpu, cuda)."""
+    own = SCHEDULES_DIR / f"{target}.yaml"
+    if own.is_file():
+        return own
+    from ..targets import load_target
+
+    return SCHEDULES_DIR / f"{load_target(target).family}.yaml"
+
+
+def read_schedule(path: Path | str) -> dict[str, Any]:
+    """Parse and check a schedules file (paths + optional routing); ScheduleError names what is wrong."""
+    import yaml
+
+    path = Path(path)
+    try:
+        data = yaml.safe_load(path.read_text())
+    except OSError as e:
+        raise ScheduleError(f"schedules file {path}: cannot read ({e.strerror})") from None
+    except yaml.YAMLError as e:
+        raise ScheduleError(f"schedules file {path}: not valid YAML ({' '.join(str(e).split())})") from None
+    parse_paths(data, str(path))
+    _check_routing(data, str(path))
+    return data
+
+
+_INT_TYPES = ("int",)
+_BOOL_TYPES = ("bool",)
+
+
+def experts_config_from_dict(d: Any, where: str, *, partial: bool = False) -> ExpertsConfig | dict:
+    """An ExpertsConfig from a dict, every field checked against the dataclass (so fields added later are
+    covered): unknown names, missing required ones, wrong types, ints < 1 (< 0 where the default is 0).
+    partial=True checks the given fields only and returns them as a dict (candidate grids)."""
+    fields = {f.name: f for f in dataclasses.fields(ExpertsConfig)}
+    if not isinstance(d, dict):
+        raise ScheduleError(f"{where}: expected a mapping of {' | '.join(fields)}, got {d!r}")
+    for k, v in d.items():
+        if k not in fields:
+            raise ScheduleError(f"{where}.{k}: unknown field; allowed: {' | '.join(fields)}")
+        f = fields[k]
+        kind = f.type if isinstance(f.type, str) else getattr(f.type, "__name__", str(f.type))
+        if kind in _BOOL_TYPES and not isinstance(v, bool):
+            raise ScheduleError(f"{where}.{k}: got {v!r}; allowed: true | false")
+        if kind in _INT_TYPES:
+            low = 0 if f.default == 0 else 1
+            if isinstance(v, bool) or not isinstance(v, int) or v < low:
+                raise ScheduleError(f"{where}.{k}: got {v!r}; allowed: an integer >= {low}")
+    if partial:
+        return dict(d)
+    missing = [n for n, f in fields.items() if n not in d and f.default is dataclasses.MISSING
+               and f.default_factory is dataclasses.MISSING]
+    if missing:
+        raise ScheduleError(f"{where}: missing {' | '.join(missing)}")
+    return ExpertsConfig(**d)
+
+
+def parse_paths(data: Any, source: str) -> list[PathConfig]:
+    """The `paths:` list of a schedules file, checked: unique identifier names, bounds > 0 increasing,
+    the last one null, every experts field valid."""
+    import re
+
+    if not isinstance(data, dict) or not isinstance(data.get("paths"), list) or not data["paths"]:
+        raise ScheduleError(f"schedules file {source}: expected a non-empty `paths:` list")
+    unknown = sorted(set(data) - {"paths", "routing"})
+    if unknown:
+        raise ScheduleError(f"schedules file {source}: unknown section {unknown[0]!r}; allowed: paths | routing")
+    paths, last = [], 0.0
+    for i, p in enumerate(data["paths"]):
+        where = f"schedules file {source}: paths[{i}]"
+        if not isinstance(p, dict):
+            raise ScheduleError(f"{where}: expected a mapping with name, max_rows_per_expert, experts")
+        extra = sorted(set(p) - {"name", "max_rows_per_expert", "experts"})
+        if extra:
+            raise ScheduleError(f"{where}.{extra[0]}: unknown field; allowed: name | max_rows_per_expert | experts")
+        name = p.get("name")
+        if not isinstance(name, str) or not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", name):
+            raise ScheduleError(f"{where}.name: got {name!r}; allowed: an identifier (letters, digits, _)")
+        if name in {q.name for q in paths}:
+            raise ScheduleError(f"{where}.name: {name!r} is used twice")
+        bound = p.get("max_rows_per_expert")
+        final = i == len(data["paths"]) - 1
+        if final and bound is not None:
+            raise ScheduleError(f"{where}.max_rows_per_expert: got {bound!r}; the last path must be null")
+        if not final and (isinstance(bound, bool) or not isinstance(bound, (int, float)) or not bound > last):
+            raise ScheduleError(f"{where}.max_rows_per_expert: got {bound!r}; allowed: a number > {last:g} "
+                                "(bounds increase; null only on the last path)")
+        if not final:
+            last = float(bound)
+        paths.append(PathConfig(name=name, max_rows_per_expert=bound,
+                                experts=experts_config_from_dict(p.get("experts"), f"{where}.experts")))
     return paths
 
 
+def _check_routing(data: dict, source: str) -> None:
+    r = data.get("routing")
+    if r is None:
+        return
+    if not isinstance(r, dict) or any(k != "warps_per_block" for k in r):
+        raise ScheduleError(f"schedules file {source}: routing: expected {{warps_per_block: N}}, got {r!r}")
+    w = r.get("warps_per_block", 0)
+    if isinstance(w, bool) or not isinstance(w, int) or w < 0:
+        raise ScheduleError(f"schedules file {source}: routing.warps_per_block: got {w!r}; allowed: an integer >= 0")
+
+
+def load_paths(target: str, data: dict[str, Any] | None = None) -> list[PathConfig]:
+    """Paths for a target (or family) from schedule_file(target) (or `data`), last one unbounded."""
+    if data is None:
+        return parse_paths(read_schedule(schedule_file(target)), target)
+    return parse_paths(data, target)
 
 
 def path_records(paths: list[PathConfig], shapes: ExpertShapes) -> list[dict]:
@@ -98,8 +200,8 @@ def path_records(paths: list[PathConfig], shapes: ExpertShapes) -> list[dict]:
              "config": dataclasses.asdict(fit_config(p.experts, shapes))} for p in paths]
 
 
-def load_routing_config(family: str) -> dict:
-    """The optional `routing:` section of schedules/<family>.yaml (GPU: warps_per_block)."""
-    import yaml
-
-    return dict((yaml.safe_load((SCHEDULES_DIR / f"{family}.yaml").read_text()) or {}).get("routing") or {})
+def load_routing_config(target: str, data: dict[str, Any] | None = None) -> dict:
+    """The optional `routing:` section of schedule_file(target) (or `data`) (GPU: warps_per_block)."""
+    if data is None:
+        data = read_schedule(schedule_file(target))
+    return dict((data or {}).get("routing") or {})
