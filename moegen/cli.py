@@ -197,23 +197,83 @@ def spec_from_hf(config_path, tp, ep, name, out_path):
 
 
 @main.command()
-@click.option("--target", "-t", default="cpu-avx512", show_default=True, help="Target to benchmark.")
-@click.option("--shapes", default="mixtral-8x7b,qwen3-30b-a3b,gpt-oss-20b", show_default=True,
-              help="Comma-separated example specs (examples/specs/<name>.yaml).")
-@click.option("--tokens", default="1,16,128", show_default=True, callback=lambda c, p, v: _token_list(v))
+@click.option("--target", "-t", default="cpu-avx512", show_default=True,
+              help="Target to benchmark: a CPU target, or cuda-sm90 on a GPU box (prebuilt artifacts, no TVM).")
+@click.option("--shapes", default=None,
+              help="Comma-separated example specs (examples/specs/<name>.yaml; CUDA: artifact names). "
+                   "[default: mixtral-8x7b,qwen3-30b-a3b,gpt-oss-20b; CUDA: + deepseek-v3]")
+@click.option("--tokens", default=None, callback=lambda c, p, v: None if v is None else _token_list(v),
+              help="Comma-separated token counts. [default: 1,16,128; CUDA: 1,16,64,256,1024,4096]")
 @click.option("--out", "-o", "out_dir", default="artifacts", show_default=True, type=click.Path(file_okay=False),
-              help="Where the benchmarked artifacts are built (reused when the spec is unchanged).")
-@click.option("--json", "json_path", type=click.Path(dir_okay=False), help="Also write the rows as JSON.")
+              help="CPU: where the benchmarked artifacts are built (reused when the spec is unchanged).")
+@click.option("--artifacts", "artifacts_dir", default="gpu-bundle/artifacts", show_default=True,
+              type=click.Path(file_okay=False), help="CUDA: the prebuilt artifacts, <DIR>/<shape>/<target> "
+                                                     "(make gpu-bundle); nothing is built on the GPU box.")
+@click.option("--json", "json_path", type=click.Path(dir_okay=False), help="Also write the results as JSON.")
 @click.option("--repeats", default=5, show_default=True, help="Timed runs per contender (median reported).")
-def bench(target, shapes, tokens, out_dir, json_path, repeats):
-    """Time moegen against the eager PyTorch loop, with the floor measured in the same run."""
+@click.option("--replays", default=10, show_default=True, help="CUDA: graph replays per repeat.")
+@click.option("--triton-configs", default=0, show_default=True,
+              help="CUDA: sweep only the first N Triton configs of each token bucket (0: all, 6-7).")
+@click.option("--contenders", default=None,
+              help="CUDA: a comma-separated subset of moegen,eager,grouped_mm,triton [default: all].")
+@click.option("--plot", "plot_path", type=click.Path(dir_okay=False), help="CUDA: also write the roofline PNG.")
+def bench(target, shapes, tokens, out_dir, artifacts_dir, json_path, repeats, replays, triton_configs,
+          contenders, plot_path):
+    """Time moegen against its baselines, with the floor measured in the same run.
+
+    \b
+    CPU: moegen vs the eager PyTorch loop (builds the artifacts).
+    cuda-sm90: moegen vs the eager loop, torch._grouped_mm and a Triton fused MoE, under CUDA graphs.
+    """
+    from .targets import load_target
+
+    try:
+        family = load_target(target).family
+    except SpecError as e:
+        _fail(str(e))
+    shape_list = [s for s in shapes.split(",") if s] if shapes else None
+    if family == "cuda":
+        from .bench_cuda import DEFAULT_SHAPES, DEFAULT_TOKENS, BenchUnavailable, run_bench_cuda
+
+        try:
+            run_bench_cuda(target, shape_list or list(DEFAULT_SHAPES), tokens or list(DEFAULT_TOKENS),
+                           Path(artifacts_dir), json_path=json_path, plot_path=plot_path, repeats=repeats,
+                           replays=replays, triton_configs=triton_configs,
+                           contenders=[c for c in contenders.split(",") if c] if contenders else None,
+                           echo=click.echo)
+        except (ArtifactError, SpecError, BenchUnavailable) as e:
+            _fail(str(e))
+        return
     from .bench import run_bench
 
     try:
-        run_bench(target, [s for s in shapes.split(",") if s], tokens, Path(out_dir), json_path=json_path,
-                  repeats=repeats, echo=click.echo)
+        run_bench(target, shape_list or ["mixtral-8x7b", "qwen3-30b-a3b", "gpt-oss-20b"], tokens or [1, 16, 128],
+                  Path(out_dir), json_path=json_path, repeats=repeats, echo=click.echo)
     except (ArtifactError, SpecError) as e:
         _fail(str(e))
+
+
+@main.command("bench-plot")
+@click.argument("report_path", metavar="BENCH_JSON", type=click.Path(exists=True, dir_okay=False))
+@click.option("--out", "-o", "out_path", default="roofline.png", show_default=True, type=click.Path(dir_okay=False),
+              help="The PNG to write.")
+def bench_plot(report_path, out_path):
+    """Plot a `moegen bench --target cuda-sm90 --json` result: roofline and % of floor per cell (PNG)."""
+    import json
+
+    from .bench_cuda import SCHEMA, plot_report
+
+    try:
+        report = json.loads(Path(report_path).read_text())
+    except (OSError, ValueError) as e:
+        _fail(f"{report_path}: not a JSON file ({e})")
+    if not isinstance(report, dict) or report.get("schema") != SCHEMA:
+        _fail(f"{report_path}: not a CUDA bench report (schema {SCHEMA}, from moegen bench --target cuda-sm90 --json)")
+    try:
+        import matplotlib  # noqa: F401
+    except ImportError:
+        _fail("bench-plot needs matplotlib: pip install matplotlib (the dev extra pins it)")
+    click.echo(f"wrote {plot_report(report, out_path)}")
 
 
 # ---- tune: candidate schedule configs timed on the device (moegen/tune.py) -----------------------------
