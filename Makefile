@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 TARGET ?= cpu-avx512
 
-.PHONY: setup test demo bench clean gpu-bundle bench-gpu
+.PHONY: setup test demo bench clean gpu-bundle bench-gpu tune-bundle
 
 # A fresh machine to a working checkout: a virtualenv with every dependency at the pinned version.
 # torch first and alone: `pip install torch==2.13.0` takes the CPU build from this box's disk, while a
@@ -57,3 +57,19 @@ BENCH_GPU_FLAGS ?=
 bench-gpu:
 	$(PY) -m moegen.cli bench --target $(GPU_TARGET) --artifacts gpu-bundle/artifacts --json docs/bench-h100.json \
 	  --plot docs/bench-h100.png $(BENCH_GPU_FLAGS)
+
+# Tuning the CUDA schedules: every candidate of schedules/candidates/cuda.yaml that fits a real-size spec,
+# built here as a one-path artifact (about 1 MB each, 12 candidates) into gpu-bundle/tune/<spec>/ with a
+# candidates.json (`moegen tune build`). Run it after gpu-bundle, which starts the bundle afresh:
+#   make gpu-bundle tune-bundle            (Mixtral too: TUNE_SPECS="$(TUNE_SPECS) examples/specs/mixtral-8x7b.yaml")
+# On the GPU box, after the set-up above (torch + the wheels, no TVM): check every candidate against the
+# reference, time it under CUDA graphs, write the winners (Qwen3-30B-A3B: about a minute on an H100):
+#   PYTHONPATH=/tmp/site:. python3 -m moegen.cli tune run gpu-bundle/tune/qwen3-30b-a3b \
+#     --tokens 1,16,64,256,1024,4096 --out gpu-bundle/tune/qwen3-30b-a3b/cuda-sm90.yaml
+# then bring that file back as schedules/cuda-sm90.yaml (builds for cuda-sm90 read it before cuda.yaml)
+# and keep gpu-bundle/tune/<spec>/results.json (every measured time) with the performance notes.
+TUNE_SPECS ?= examples/specs/qwen3-30b-a3b.yaml
+tune-bundle:
+	for s in $(TUNE_SPECS); do $(BIN)/moegen tune build $$s --target $(GPU_TARGET) \
+	  -o gpu-bundle/tune/$$(basename $$s .yaml) || exit 1; done
+	du -sh gpu-bundle/tune/*
