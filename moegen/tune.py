@@ -489,8 +489,14 @@ def run_tuning(tune_dir: Path | str, tokens: list[int], out_path: Path | str, *,
         finally:
             del runner
             if dev.type == "cuda":
-                torch.cuda.synchronize(dev)
-                torch.cuda.empty_cache()
+                try:
+                    torch.cuda.synchronize(dev)
+                    torch.cuda.empty_cache()
+                except RuntimeError as e:  # a sticky CUDA error (illegal address): no later candidate can run
+                    r["status"], r["why"] = "rejected", f"CUDA context lost: {' '.join(str(e).split())[:300]}"
+                    _write_atomic(tune_dir / RESULTS_JSON, json.dumps({"candidates": results}, indent=1))
+                    raise RuntimeError(f"candidate {cid} broke the CUDA context ({r['why']}); the results so far "
+                                       f"are in {tune_dir / RESULTS_JSON}: drop it from the candidates and rerun") from None
         shown = (" ".join(f"{t:.1f}" for t in r["times_us"]) + " us") if r["status"] == "ok" else f"REJECTED ({r['why']})"
         echo(f"  [{i + 1}/{len(doc['candidates'])}] {cid}: {shown}  ({time.perf_counter() - t0:.1f} s)")
     good = {cid: r["times_us"] for cid, r in results.items() if r["status"] == "ok"}
