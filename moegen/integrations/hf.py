@@ -161,10 +161,13 @@ class _Block:
         import transformers
 
         try:
-            return getattr(importlib.import_module(self.module), self.cls)
-        except (ImportError, AttributeError):
+            module = importlib.import_module(self.module)
+        except ImportError as e:
+            raise ModelMismatchError(f"transformers {transformers.__version__}: cannot import {self.module} ({e})") from e
+        if not hasattr(module, self.cls):
             raise ModelMismatchError(f"transformers {transformers.__version__} has no {self.module}.{self.cls}; "
-                                     "patch_model maps the MoE blocks of transformers 5.x") from None
+                                     "patch_model maps the MoE blocks of transformers 5.x")
+        return getattr(module, self.cls)
 
 
 BLOCKS: dict[str, _Block] = {
@@ -322,13 +325,16 @@ class MoegenMoE(torch.nn.Module):
         return cls(runner, family, _copy(router.weight, device, dt),
                    _copy(bias, device) if isinstance(bias, torch.Tensor) else None, name)
 
+    def router_logits(self, x: torch.Tensor) -> torch.Tensor:
+        """x [T, H] -> logits [T, E] as the block's router computes them (model dtype; fp32 for DeepSeek-V3)."""
+        if self.family.fp32_router:
+            return F.linear(x.float(), self.router_weight)
+        return F.linear(x, self.router_weight, self.router_bias)
+
     def forward(self, hidden_states: torch.Tensor):
         shape = hidden_states.shape
         x = hidden_states.reshape(-1, shape[-1])  # [T, H]
-        if self.family.fp32_router:
-            logits = F.linear(x.float(), self.router_weight)  # [T, E] fp32
-        else:
-            logits = F.linear(x, self.router_weight, self.router_bias)  # [T, E] model dtype
+        logits = self.router_logits(x)
         out = self.runner(x, logits)
         if isinstance(out, tuple):  # (shared [T, H], routed [T, H])
             shared, out = out
