@@ -17,7 +17,8 @@ Method:
      WARMUPS times on a side stream (Triton compiles there), is captured once in a CUDA graph, and the
      graph is replayed: `us` = median of repeats x replays single replays, each after an L2 flush (a
      write of twice the L2) and timed alone by CUDA events; `us_hot` = median over repeats of `replays`
-     back-to-back replays. The graph's output after the last replay is compared with moe_ref at this T
+     back-to-back replays. A contender slower than TIME_BUDGET_S per series gets fewer replays (at
+     least MIN_TIMED; `timed_replays`). The graph's output after the last replay is compared with moe_ref at this T
      (rel err: relative L2): above the dtype's tolerance the contender is flagged (`ok` false, "!").
      Triton: every config of the T bucket is timed (one repeat) and checked; the fastest correct one is
      timed as the other contenders.
@@ -58,6 +59,9 @@ CEILING_WARMUPS = 3
 WARMUPS = 2  # untimed calls per contender and cell before the capture (Triton compiles in the first)
 DEFAULT_REPEATS = 5
 DEFAULT_REPLAYS = 10
+TIME_BUDGET_S = 1.0  # at most about this long per contender and cell for each of the cold and hot series:
+#                      a contender slower than TIME_BUDGET_S / (repeats * replays) gets fewer replays ...
+MIN_TIMED = 3  # ... but never fewer than this (a median of at least 3)
 L2_FLUSH_MULTIPLE = 2  # the flush writes this many times the L2 before each timed replay
 L2_DEFAULT_BYTES = 50 << 20  # ... of this L2 size when torch does not report it (H100: 50 MiB)
 CHECK_TOKENS = 5  # the correctness check of every contender before a shape's timings
@@ -194,12 +198,15 @@ class Timing(NamedTuple):
     us: float  # median of single replays after an L2 flush
     us_hot: float  # median of back-to-back replays (weights may stay in L2)
     first_call_s: float  # the first eager call, synchronised (Triton: includes its compilation)
+    timed: int  # replays timed in each series (repeats * replays, fewer for a slow contender)
     out: object  # the graph's static output, holding the last replay's result
     graph: object  # keeps `out` alive
 
 
 def time_graph(fn: Callable[[], object], repeats: int, replays: int, flush: Callable[[], None]) -> Timing:
-    """Warm up on a side stream, capture one call in a CUDA graph, time its replays (see the method)."""
+    """Warm up on a side stream, capture one call in a CUDA graph, time its replays (see the method).
+    A contender whose replay takes longer than TIME_BUDGET_S / (repeats * replays) is timed on fewer
+    replays (at least MIN_TIMED per series) so a slow one cannot dominate the run."""
     side = torch.cuda.Stream()
     side.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(side):
@@ -214,7 +221,15 @@ def time_graph(fn: Callable[[], object], repeats: int, replays: int, flush: Call
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
         out = fn()
-    graph.replay()  # the first replay uploads the graph
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    graph.replay()  # the first replay uploads the graph; its time sizes the series
+    end.record()
+    end.synchronize()
+    once_s = max(start.elapsed_time(end) / 1e3, 1e-9)
+    n = max(MIN_TIMED, min(repeats * replays, int(TIME_BUDGET_S / once_s)))
+    repeats = min(repeats, n)
+    replays = max(1, n // repeats)
     events = [(torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True))
               for _ in range(repeats * replays)]
     for start, end in events:
@@ -233,7 +248,7 @@ def time_graph(fn: Callable[[], object], repeats: int, replays: int, flush: Call
         end.record()
         end.synchronize()
         hot.append(start.elapsed_time(end) * 1e3 / replays)
-    return Timing(statistics.median(cold), statistics.median(hot), first, out, graph)
+    return Timing(statistics.median(cold), statistics.median(hot), first, repeats * replays, out, graph)
 
 
 def _short(e: BaseException) -> str:
@@ -447,11 +462,12 @@ def run_bench_cuda(target: str, shapes: list[str], tokens: list[int], artifacts_
     ceilings = measure_ceilings(device)
     echo(ceilings_line(ceilings))
     flush = L2Flush(device)
-    echo(f"timing: CUDA graphs, median of {repeats}x{replays} replays, each after an L2 flush "
-         f"({flush.nbytes >> 20} MiB written); also back-to-back (hot)")
+    echo(f"timing: CUDA graphs, median of {repeats}x{replays} replays (fewer, at least {MIN_TIMED}, past "
+         f"{TIME_BUDGET_S:.0f} s), each after an L2 flush ({flush.nbytes >> 20} MiB written); also back-to-back (hot)")
     report = {"schema": SCHEMA, "target": target, "machine": machine_info(device), "ceilings": ceilings,
               "method": {"warmups": WARMUPS, "repeats": repeats, "replays": replays,
-                         "l2_flush_bytes": flush.nbytes, "triton_configs": triton_configs or None},
+                         "l2_flush_bytes": flush.nbytes, "triton_configs": triton_configs or None,
+                         "time_budget_s": TIME_BUDGET_S, "min_timed": MIN_TIMED},
               "check_tokens": CHECK_TOKENS, "contenders": names, "tolerance": None, "shapes": {}, "cells": []}
 
     def dump():
@@ -516,7 +532,8 @@ def run_bench_cuda(target: str, shapes: list[str], tokens: list[int], artifacts_
 
             ids, _ = route(spec, weights, logits)
             cell = {"shape": spec.name, "tokens": T, **cell_floor(spec, ids, ceilings),
-                    "us": {}, "us_hot": {}, "rel_err": {}, "ok": {}, "errors": {}, "first_call_s": {}}
+                    "us": {}, "us_hot": {}, "rel_err": {}, "ok": {}, "errors": {}, "first_call_s": {},
+                    "timed_replays": {}}
             ref = reference(spec, weights, x, logits)
 
             def measure(n: str, fn, reps: int) -> Timing | None:
@@ -559,6 +576,7 @@ def run_bench_cuda(target: str, shapes: list[str], tokens: list[int], artifacts_
                 err = rel_err(t.out, ref)
                 cell["us"][n], cell["us_hot"][n], cell["first_call_s"][n] = t.us, t.us_hot, round(t.first_call_s, 3)
                 cell["rel_err"][n], cell["ok"][n] = err, _outputs_ok(err, tol)
+                cell["timed_replays"][n] = t.timed
                 del t, fn
             cell["pct_of_floor"] = {n: cell["floor_us"] / us * 100 for n, us in cell["us"].items()}
             report["cells"].append(cell)
