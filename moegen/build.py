@@ -103,9 +103,10 @@ def scheduled_module(spec: MoESpec, target: TargetInfo, schedule: dict | None = 
             funcs[f"dispatch_{name}"] = rule.dispatch(
                 kd.dispatch_func(spec.num_experts, spec.local_experts, spec.top_k, bm), f"dispatch_{name}")
         funcs[f"experts_up_{name}"] = rule.experts_up(
-            ke.experts_up_func(shapes, bm, cfg.block_n_up, cfg.gather_rows, cfg.grid_blocks), f"experts_up_{name}", cfg)
+            ke.experts_up_func(shapes, bm, cfg.block_n_up, cfg.gather_rows, cfg.grid_blocks, cfg.mma),
+            f"experts_up_{name}", cfg)
         funcs[f"experts_down_{name}"] = rule.experts_down(
-            ke.experts_down_func(shapes, bm, cfg.block_n_down, cfg.grid_blocks), f"experts_down_{name}", cfg)
+            ke.experts_down_func(shapes, bm, cfg.block_n_down, cfg.grid_blocks, cfg.mma), f"experts_down_{name}", cfg)
         funcs[f"combine_{name}"] = rule.combine(ke.combine_func(shapes, bm), f"combine_{name}", cfg)
     mod = tvm.IRModule({name: sch.mod[name] for name, sch in funcs.items()})
     return mod, paths
@@ -124,7 +125,8 @@ def compile_module(mod, target: TargetInfo):
 
         return tvm.compile(mod, target=target.tvm_target(), tir_pipeline=register())
     tvm_target = tvm.target.Target(dict(target.tvm) | {"host": {"kind": "cuda_host"}})
-    with tvm_target:  # CUDA codegen reads the arch from Target.current()
+    # use_async_copy: pipelined global -> shared copies become cp.async (schedule.cuda, stages > 1)
+    with tvm_target, tvm.transform.PassContext(config={"tirx.use_async_copy": True}):
         return tvm.compile(mod, target=tvm_target)
 
 

@@ -205,17 +205,20 @@ def moe_ref(spec: MoESpec, weights: dict[str, torch.Tensor], hidden_states: torc
     return shared, routed
 
 
-def random_weights(spec: MoESpec, seed: int = 0, *, gate: bool = False, scale: float = 1.0) -> dict[str, torch.Tensor]:
-    """Random full (unsharded) weights under the contract, in spec.dtype, scaled so outputs stay O(1)."""
+def random_weights(spec: MoESpec, seed: int = 0, *, gate: bool = False, scale: float = 1.0,
+                   device: str | torch.device = "cpu") -> dict[str, torch.Tensor]:
+    """Random full (unsharded) weights under the contract, in spec.dtype, scaled so outputs stay O(1).
+    `device`: where they are drawn (a GPU draws a real-size layer in milliseconds; other values than
+    the CPU's for the same seed)."""
     from .spec import OPTIONAL_WEIGHTS, weights_contract
 
-    g = torch.Generator().manual_seed(seed)
+    g = torch.Generator(device).manual_seed(seed)
     contract = dict(weights_contract(spec))
     if gate:
         contract["gate"] = OPTIONAL_WEIGHTS["gate"](spec)
     out = {}
     for name, (shape, dtype) in contract.items():
         fan_in = shape[-1] if len(shape) > 1 else 1
-        t = torch.randn(*shape, generator=g) * (scale / fan_in ** 0.5 if len(shape) > 1 else 0.1)
+        t = torch.randn(*shape, generator=g, device=device) * (scale / fan_in ** 0.5 if len(shape) > 1 else 0.1)
         out[name] = t.to(getattr(torch, dtype))
     return out

@@ -62,3 +62,74 @@ def test_gpu_routing_is_a_warp_per_token_unless_grouped(artifact):
 
     assert "__shfl_xor_sync" in routing(plain)
     assert "__shfl_xor_sync" not in routing(grouped)
+
+
+# ---- tensor cores ----------------------------------------------------------------------------------
+
+MMA_PTX = "mma.sync.aligned.m16n8k16.row.col.f32.{ab}.{ab}.f32"
+
+
+def _kernel(src: str, name: str) -> str:
+    """One kernel's definition in an artifact's CUDA source, up to the next kernel."""
+    start = src.index(f"{name}_kernel(", src.index(f"{name}_kernel(") + 1)
+    end = src.find('extern "C" __global__', start)
+    return src[start:end if end > 0 else None]
+
+
+@pytest.mark.parametrize("dtype,ab", [("bfloat16", "bf16"), ("float16", "f16")])
+def test_tensor_core_paths_use_ldmatrix_and_mma(dtype, ab, tmp_path):
+    """schedules/cuda.yaml runs the `small` path on tensor cores: both expert GEMMs load fragments with
+    ldmatrix and multiply with mma.sync m16n8k16 in the spec's dtype (fp32 accumulate); the decode path
+    stays on CUDA cores; blocks past num_blocks exit before touching memory."""
+    import dataclasses
+
+    from moegen.build import build
+
+    spec = dataclasses.replace(load_spec(SPECS / "tiny.yaml"), dtype=dtype)
+    root = build(spec, "cuda-sm90", tmp_path)
+    paths = {p["name"]: p["config"] for p in read_manifest(root)["paths"]}
+    assert paths["small"]["mma"] and not paths["decode"]["mma"]
+    src = (root / "moe.cu").read_text()
+    for fn in ("experts_up_small", "experts_down_small"):
+        k = _kernel(src, fn)
+        assert MMA_PTX.format(ab=ab) in k and "ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16" in k, fn
+        guard = k.index("num_blocks_ptr[0]")
+        assert guard < k.index("ldmatrix") and guard < k.index("block_expert_ptr["), fn
+    assert "mma.sync" not in _kernel(src, "experts_up_decode")
+
+
+def test_tensor_intrinsics_tensorize_a_plain_matmul():
+    """The registered bf16/fp16 intrinsics (moegen.schedule.tensor_intrin) match a 16x16x16 fp32-
+    accumulating matmul: tensorize accepts it for both dtypes and refuses fp32 inputs by name."""
+    import tvm
+    from tvm import s_tir
+    from tvm.script import tirx as T
+
+    from moegen.schedule import tensor_intrin
+
+    for dt in tensor_intrin.INPUT_DTYPES:
+        names = tensor_intrin.names(dt)
+        for n in names.values():
+            assert s_tir.TensorIntrin.get(n, allow_missing=True) is not None, n
+
+        @T.prim_func(s_tir=True)
+        def mm(a: T.Buffer((16, 16), dt), b: T.Buffer((16, 16), dt), c: T.Buffer((16, 16), "float32")):
+            for i, j, k in T.grid(16, 16, 16):
+                with T.sblock("C"):
+                    vi, vj, vk = T.axis.remap("SSR", [i, j, k])
+                    with T.init():
+                        c[vi, vj] = T.float32(0)
+                    c[vi, vj] += T.Cast("float32", a[vi, vk]) * T.Cast("float32", b[vk, vj])
+
+        sch = s_tir.Schedule(tvm.IRModule({"main": mm}))
+        blk = sch.get_sblock("C")
+        aw = sch.cache_read(blk, 0, "warp")
+        bw = sch.cache_read(blk, 1, "warp")
+        cw = sch.cache_write(blk, 0, "warp")
+        sch.decompose_reduction(blk, sch.get_loops(blk)[0])
+        for b_, which in ((aw, ("write", 0)), (bw, ("write", 0)), (cw, ("read", 0))):
+            sch.transform_layout(b_, which, tensor_intrin.frag_layout_4d)
+        sch.tensorize(sch.get_loops(blk)[0], names["compute"])
+        assert "ptx_legacy.mma" in sch.mod.script() or "ptx_mma" in sch.mod.script()
+    with pytest.raises(ValueError, match="float16 | bfloat16"):
+        tensor_intrin.names("float32")

@@ -606,3 +606,25 @@ def test_quant_fields_without_a_scheme_are_refused(key, value):
     with pytest.raises(SpecError) as e:
         parse_spec(data)
     assert e.value.field == f"quant.{key}"
+
+
+def test_mma_configs_are_checked_and_fall_back_where_tensor_cores_cannot_tile():
+    """config_ok names what a tensor-core config gets wrong; fit_config keeps mma only where the
+    layer's dtype and widths tile into 16x16 fragments (fp32 or irregular test sizes: CUDA cores)."""
+    import dataclasses
+
+    from moegen.kernels.experts import ExpertShapes
+    from moegen.schedule.config import ExpertsConfig, config_ok, fit_config
+
+    sh = ExpertShapes(dtype="bfloat16", local_experts=8, top_k=2, hidden=256, intermediate=128, activation="silu",
+                      swiglu_alpha=1.702, swiglu_limit=7.0, expert_bias=False, weight_on_input=False)
+    good = ExpertsConfig(block_m=32, block_n_up=64, block_n_down=64, combine_n=128, mma=True, block_k=32,
+                         warp_m=16, warp_n=32)
+    assert config_ok(good, sh) is None and fit_config(good, sh).mma
+    assert "block_m 24 is not a multiple of 16" in config_ok(dataclasses.replace(good, block_m=24), sh)
+    assert "warp_n 48" in config_ok(dataclasses.replace(good, warp_n=48), sh)
+    assert "block_k 96 does not divide" in config_ok(dataclasses.replace(good, block_k=96), sh)
+    assert "shared memory" in config_ok(dataclasses.replace(good, block_m=128, block_n_up=128, warp_m=64), sh)
+    assert "needs float16 or bfloat16" in config_ok(good, dataclasses.replace(sh, dtype="float32"))
+    assert not fit_config(good, dataclasses.replace(sh, dtype="float32")).mma
+    assert not fit_config(good, dataclasses.replace(sh, hidden=200, intermediate=72)).mma

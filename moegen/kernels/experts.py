@@ -24,6 +24,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from tvm.script import tirx as T
+from tvm.tirx import IntImm
 
 from . import token_var
 
@@ -67,8 +68,13 @@ def _act(kind: str, g, u, alpha: float, limit: float):
     raise ValueError(kind)
 
 
+def _extent(n: int, wide: bool):
+    """A loop extent: int64 when `wide`, else a Python int (int32 loops)."""
+    return IntImm("int64", n) if wide else n
+
+
 def experts_up_func(s: ExpertShapes, block_m: int, block_n: int, gather_rows: bool = True,
-                    grid_blocks: bool = False):
+                    grid_blocks: bool = False, stage_operands: bool = False):
     """PrimFunc `experts_up(x [T, Hp], topk_weights [T, K] f32, sorted_ids [MP] i32, block_expert [MB] i32,
     num_blocks [1] i32, w13p [El, NT13, Hp, BN], b13p [El, NT13, BN], act [MP, I])`.
 
@@ -76,13 +82,27 @@ def experts_up_func(s: ExpertShapes, block_m: int, block_n: int, gather_rows: bo
     without it the GEMM reads x directly. A layout choice of the schedule (CPU: yes, GPU: no), made
     here because TVM cannot inline a stage across the data-dependent block loop.
     grid_blocks: loop over all MB possible blocks with a predicate (b < num_blocks) instead of exactly
-    num_blocks: a static extent a GPU schedule can bind to the grid (blocks past the end exit at once)."""
+    num_blocks: a static extent a GPU schedule can bind to the grid (blocks past the end exit at once).
+    stage_operands: both GEMM operands through stages in the input dtype, indexed affinely by (block,
+    tile): "gather" (rows, as gather_rows but not widened) and "load_w" (the block's expert's weight
+    tile, ws[b, t] = w13[block_expert[b], t]). The GEMM is then a plain matmul of two staged buffers
+    that a tensor-core schedule can place in shared memory and tensorize."""
     u_dt, u_El, u_K, u_H, u_I = s.dtype, s.local_experts, s.top_k, s.hidden, s.intermediate
     u_BM, u_BN = block_m, block_n
     u_gated, u_woi, u_bias = s.gated, s.weight_on_input, s.expert_bias
     u_half = u_BN // 2 if u_gated else u_BN  # output columns per tile
     u_NT = s.n13 // u_BN
     u_act, u_alpha, u_limit = s.activation, s.swiglu_alpha, s.swiglu_limit
+    u_gather = gather_rows or stage_operands
+    u_xs_dt = u_dt if stage_operands else "float32"  # tensor cores take the input dtype
+    # staged per (tile, block) for tensor cores: a stage pipeline, each thread block its own copy
+    u_xs_nt = u_NT if stage_operands else 1
+    u_xs_per_tile = 1 if stage_operands else 0
+    u_copy_rows = stage_operands and not u_woi  # a plain row copy (asynchronous copies need one)
+    # extents and shapes: int64 like the symbolic token count when staged (TVM's region analysis cannot see
+    # through int32 -> int64 casts in the indices, and compute_at needs it)
+    u_NT, u_BM, u_BN, u_H, u_I, u_half, u_El, u_K, u_xs_nt = (
+        _extent(n, stage_operands) for n in (u_NT, u_BM, u_BN, u_H, u_I, u_half, u_El, u_K, u_xs_nt))
     tok = token_var()
     n_slots = tok * u_K
     n_blocks = (n_slots + (u_BM - 1)) // u_BM + u_El
@@ -100,10 +120,20 @@ def experts_up_func(s: ExpertShapes, block_m: int, block_n: int, gather_rows: bo
         b13 = T.match_buffer(b_h, (u_El, u_NT, u_BN), u_dt)
         act = T.match_buffer(act_h, (n_blocks * u_BM, u_I), u_dt)
         gu = T.sblock_alloc_buffer((n_blocks * u_BM, u_NT * u_BN), "float32")
-        xs = T.sblock_alloc_buffer((n_blocks * u_BM, u_H), "float32")
+        xs = T.sblock_alloc_buffer((u_xs_nt, n_blocks * u_BM, u_H), u_xs_dt)
+        ws = T.sblock_alloc_buffer((n_blocks, u_NT, u_H, u_BN), u_dt)
         for nt in range(u_NT):
             for b in range(n_blocks if grid_blocks else T.Cast("int64", num_blocks[0])):
-                if gather_rows:
+                if stage_operands:
+                    for h, c in T.grid(u_H, u_BN):
+                        with T.sblock("load_w"):
+                            if grid_blocks:
+                                T.where(b < T.Cast("int64", num_blocks[0]))
+                            vt = T.axis.spatial(u_NT, nt)
+                            vb = T.axis.spatial(n_blocks, b)
+                            vh, vc = T.axis.remap("SS", [h, c])
+                            ws[vb, vt, vh, vc] = w13[T.Cast("int64", block_expert[vb]), vt, vh, vc]
+                if u_gather:
                     # the block's input rows, gathered and in fp32 (scaled by the routing weight on input)
                     for m, h in T.grid(u_BM, u_H):
                         with T.sblock("gather"):
@@ -113,10 +143,10 @@ def experts_up_func(s: ExpertShapes, block_m: int, block_n: int, gather_rows: bo
                             vb = T.axis.spatial(n_blocks, b)
                             vm, vh = T.axis.remap("SS", [m, h])
                             T.reads(x[0:tok, vh], sorted_ids[vb * u_BM + vm], topk_weights[0:tok, 0:u_K])
-                            T.writes(xs[vb * u_BM + vm, vh])
-                            xs[vb * u_BM + vm, vh] = T.Cast("float32", x[T.min(T.Cast("int64", sorted_ids[vb * u_BM + vm]), n_slots - 1) // u_K, vh]) * T.if_then_else(
+                            T.writes(xs[vt * u_xs_per_tile, vb * u_BM + vm, vh])
+                            xs[vt * u_xs_per_tile, vb * u_BM + vm, vh] = x[T.min(T.Cast("int64", sorted_ids[vb * u_BM + vm]), n_slots - 1) // u_K, vh] if u_copy_rows else T.Cast(u_xs_dt, T.Cast("float32", x[T.min(T.Cast("int64", sorted_ids[vb * u_BM + vm]), n_slots - 1) // u_K, vh]) * T.if_then_else(
                                 u_woi, topk_weights[T.min(T.Cast("int64", sorted_ids[vb * u_BM + vm]), n_slots - 1) // u_K,
-                                                    T.min(T.Cast("int64", sorted_ids[vb * u_BM + vm]), n_slots - 1) % u_K], T.float32(1))
+                                                    T.min(T.Cast("int64", sorted_ids[vb * u_BM + vm]), n_slots - 1) % u_K], T.float32(1)))
                 for m, c, h in T.grid(u_BM, u_BN, u_H):
                     with T.sblock("gemm"):
                         if grid_blocks:
@@ -126,12 +156,13 @@ def experts_up_func(s: ExpertShapes, block_m: int, block_n: int, gather_rows: bo
                         vm, vc, vh = T.axis.remap("SSR", [m, c, h])
                         with T.init():
                             gu[vb * u_BM + vm, vt * u_BN + vc] = T.float32(0)
-                        gu[vb * u_BM + vm, vt * u_BN + vc] += (xs[vb * u_BM + vm, vh] if gather_rows else (
+                        gu[vb * u_BM + vm, vt * u_BN + vc] += (T.Cast("float32", xs[vt * u_xs_per_tile, vb * u_BM + vm, vh]) if u_gather else (
                             T.Cast("float32", x[T.min(T.Cast("int64", sorted_ids[vb * u_BM + vm]), n_slots - 1) // u_K, vh])
                             * T.if_then_else(
                                 u_woi, topk_weights[T.min(T.Cast("int64", sorted_ids[vb * u_BM + vm]), n_slots - 1) // u_K,
                                                     T.min(T.Cast("int64", sorted_ids[vb * u_BM + vm]), n_slots - 1) % u_K],
-                                T.float32(1)))) * T.Cast("float32", w13[T.Cast("int64", block_expert[vb]), vt, vh, vc])
+                                T.float32(1)))) * T.Cast("float32", ws[vb, vt, vh, vc] if stage_operands else
+                                                         w13[T.Cast("int64", block_expert[vb]), vt, vh, vc])
                 for m, c in T.grid(u_BM, u_half):
                     with T.sblock("act"):
                         if grid_blocks:
@@ -157,13 +188,18 @@ def experts_up_func(s: ExpertShapes, block_m: int, block_n: int, gather_rows: bo
     return experts_up
 
 
-def experts_down_func(s: ExpertShapes, block_m: int, block_n: int, grid_blocks: bool = False):
+def experts_down_func(s: ExpertShapes, block_m: int, block_n: int, grid_blocks: bool = False,
+                      stage_operands: bool = False):
     """PrimFunc `experts_down(act [MP, I], topk_weights [T, K] f32, sorted_ids [MP] i32, block_expert [MB] i32,
-    num_blocks [1] i32, w2p [El, NT2, I, BN], b2p [El, NT2, BN], y [MP, Hp] f32)`: weighted rows, sorted order."""
+    num_blocks [1] i32, w2p [El, NT2, I, BN], b2p [El, NT2, BN], y [MP, Hp] f32)`: weighted rows, sorted order.
+    grid_blocks, stage_operands: as experts_up_func (act rows are already in block order: only the
+    weight tile is staged)."""
     d_dt, d_El, d_K, d_H, d_I = s.dtype, s.local_experts, s.top_k, s.hidden, s.intermediate
     d_BM, d_BN = block_m, block_n
     d_NT = d_H // d_BN
     d_woi, d_bias = s.weight_on_input, s.expert_bias
+    d_NT, d_BM, d_BN, d_H, d_I, d_El, d_K = (
+        _extent(n, stage_operands) for n in (d_NT, d_BM, d_BN, d_H, d_I, d_El, d_K))
     tok = token_var()
     n_slots = tok * d_K
     n_blocks = (n_slots + (d_BM - 1)) // d_BM + d_El
@@ -181,8 +217,18 @@ def experts_down_func(s: ExpertShapes, block_m: int, block_n: int, grid_blocks: 
         b2 = T.match_buffer(b_h, (d_El, d_NT, d_BN), d_dt)
         y = T.match_buffer(y_h, (n_blocks * d_BM, d_H), "float32")
         ysum = T.sblock_alloc_buffer((n_blocks * d_BM, d_H), "float32")
+        ws = T.sblock_alloc_buffer((n_blocks, d_NT, d_I, d_BN), d_dt)
         for nt in range(d_NT):
             for b in range(n_blocks if grid_blocks else T.Cast("int64", num_blocks[0])):
+                if stage_operands:
+                    for i, c in T.grid(d_I, d_BN):
+                        with T.sblock("load_w"):
+                            if grid_blocks:
+                                T.where(b < T.Cast("int64", num_blocks[0]))
+                            vt = T.axis.spatial(d_NT, nt)
+                            vb = T.axis.spatial(n_blocks, b)
+                            vi, vc = T.axis.remap("SS", [i, c])
+                            ws[vb, vt, vi, vc] = w2[T.Cast("int64", block_expert[vb]), vt, vi, vc]
                 for m, c, i in T.grid(d_BM, d_BN, d_I):
                     with T.sblock("gemm"):
                         if grid_blocks:
@@ -194,7 +240,8 @@ def experts_down_func(s: ExpertShapes, block_m: int, block_n: int, grid_blocks: 
                             ysum[vb * d_BM + vm, vt * d_BN + vc] = T.float32(0)
                         ysum[vb * d_BM + vm, vt * d_BN + vc] += (
                             T.Cast("float32", act[vb * d_BM + vm, vi])
-                            * T.Cast("float32", w2[T.Cast("int64", block_expert[vb]), vt, vi, vc]))
+                            * T.Cast("float32", ws[vb, vt, vi, vc] if stage_operands else
+                                     w2[T.Cast("int64", block_expert[vb]), vt, vi, vc]))
                 for m, c in T.grid(d_BM, d_BN):
                     with T.sblock("scale"):
                         if grid_blocks:

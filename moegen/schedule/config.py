@@ -25,6 +25,13 @@ class ExpertsConfig:
     grid_blocks: bool = False  # loop over every possible block (predicated): a GPU binds them to the grid
     split_k: int = 1  # GPU: threads (threadIdx.y) sharing one column's reduction
     dispatch_threads: int = 0  # GPU: threads of the one-block dispatch (0: the serial dispatch)
+    # GPU tensor cores (mma.sync m16n8k16): each warp computes a warp_m x warp_n piece of the BM x BN
+    # tile, (BM / warp_m) * (BN / warp_n) warps per block, reduction in steps of block_k through shared
+    mma: bool = False
+    block_k: int = 32
+    warp_m: int = 16
+    warp_n: int = 32
+    stages: int = 1  # mma: shared-memory buffers of the operands (> 1: cp.async software pipeline)
 
 
 @dataclass(frozen=True)
@@ -50,6 +57,37 @@ def config_ok(cfg: ExpertsConfig, shapes: ExpertShapes) -> str | None:
         return f"split_k {cfg.split_k} does not divide Hp {shapes.hidden} and I {shapes.intermediate}"
     if shapes.hidden % cfg.combine_n:
         return f"combine_n {cfg.combine_n} does not divide Hp {shapes.hidden}"
+    if cfg.mma:
+        return _mma_ok(cfg, shapes)
+    return None
+
+
+MMA_FRAG = 16  # rows, columns and k of one tensor-core fragment (moegen.schedule.tensor_intrin)
+MMA_SKEW = 8  # elements of padding per shared-memory row (schedule.cuda storage_align)
+MMA_SHARED_BYTES = 48 * 1024  # static shared memory per thread block
+
+
+def _mma_ok(cfg: ExpertsConfig, shapes: ExpertShapes) -> str | None:
+    if shapes.dtype not in ("float16", "bfloat16"):
+        return f"mma needs float16 or bfloat16 weights, not {shapes.dtype}"
+    if cfg.stages < 1:
+        return f"mma: stages {cfg.stages} < 1"
+    for field in ("block_m", "block_k", "warp_m", "warp_n"):
+        if getattr(cfg, field) % MMA_FRAG:
+            return f"mma: {field} {getattr(cfg, field)} is not a multiple of {MMA_FRAG}"
+    if cfg.block_m % cfg.warp_m:
+        return f"mma: warp_m {cfg.warp_m} does not divide block_m {cfg.block_m}"
+    for field, n in (("block_n_up", cfg.block_n_up), ("block_n_down", cfg.block_n_down)):
+        if n % cfg.warp_n:
+            return f"mma: warp_n {cfg.warp_n} does not divide {field} {n}"
+    for field, n in (("block_n_up", cfg.block_n_up), ("block_n_down", cfg.block_n_down)):
+        smem = cfg.block_m * n * 4 + cfg.stages * (cfg.block_m + n) * (cfg.block_k + MMA_SKEW) * 2  # fp32 tile + operands
+        if smem > MMA_SHARED_BYTES:
+            return (f"mma: block_m {cfg.block_m} x {field} {n} needs {smem} bytes of shared memory "
+                    f"(at most {MMA_SHARED_BYTES})")
+    for what, k in (("Hp", shapes.hidden), ("I", shapes.intermediate)):
+        if k % cfg.block_k:
+            return f"mma: block_k {cfg.block_k} does not divide {what} {k}"
     return None
 
 
@@ -72,6 +110,9 @@ def fit_config(cfg: ExpertsConfig, shapes: ExpertShapes) -> ExpertsConfig:
     )
     if shapes.gated and (shapes.n13 // 2) % (fitted.block_n_up // 2):
         fitted = dataclasses.replace(fitted, block_n_up=2 * _fit(shapes.intermediate, cfg.block_n_up // 2))
+    if fitted.mma and config_ok(fitted, shapes) is not None:
+        # widths or dtype tensor cores cannot tile (irregular test sizes, fp32): CUDA-core arithmetic
+        fitted = dataclasses.replace(fitted, mma=False)
     why = config_ok(fitted, shapes)
     assert why is None, why
     return fitted

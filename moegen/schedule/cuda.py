@@ -83,6 +83,10 @@ def _tile_gemm(sch: s_tir.Schedule, name: str, gemm: str, acc_scope: str, split_
 
 def experts_up(func, name: str, cfg: ExpertsConfig) -> s_tir.Schedule:
     sch = _schedule(func, name)
+    if cfg.mma:  # kernels built with stage_operands: gathered rows x the expert's tile on tensor cores
+        warps, lanes = _mma_gemm(sch, name, cfg, cfg.block_n_up, _dtype(func), "gather", "xs")
+        _epilogue_threads(sch, sch.get_sblock("act", func_name=name), warps, lanes)
+        return _exit_past_blocks(sch, name)
     act = sch.get_sblock("act", func_name=name)
     if cfg.split_k > 1:
         # the cross-thread reduction leaves each column's sum with one thread; the activation pairs
@@ -103,6 +107,10 @@ def experts_up(func, name: str, cfg: ExpertsConfig) -> s_tir.Schedule:
 
 def experts_down(func, name: str, cfg: ExpertsConfig) -> s_tir.Schedule:
     sch = _schedule(func, name)
+    if cfg.mma:
+        warps, lanes = _mma_gemm(sch, name, cfg, cfg.block_n_down, _dtype(func), None, "act")
+        _epilogue_threads(sch, sch.get_sblock("scale", func_name=name), warps, lanes)
+        return _exit_past_blocks(sch, name)
     _tile_gemm(sch, name, "gemm", "local", cfg.split_k)
     scale = sch.get_sblock("scale", func_name=name)
     *_, m, c = sch.get_loops(scale)
@@ -123,3 +131,155 @@ def combine(func, name: str, cfg: ExpertsConfig) -> s_tir.Schedule:
     sch.compute_at(cb, ni)
     sch.set_scope(cb, 0, "local")
     return sch
+
+
+# ---- tensor cores (cfg.mma) ---------------------------------------------------------------------
+# The GEMM of a (weight tile, sorted block) thread block is a plain BM x BN x (Hp | I) matmul of two
+# staged operands (kernels.experts stage_operands): the A rows and the expert's B tile go through shared
+# memory in block_k steps, each warp loads 16x16 fragments with ldmatrix and accumulates its
+# warp_m x warp_n piece with mma.sync in registers; the accumulator tile lands in shared memory, where
+# the epilogue (activation | bias and routing weight) reads it.
+
+
+def _read_index(sch: s_tir.Schedule, block, buffer_name: str) -> int:
+    for i, region in enumerate(sch.get(block).reads):
+        if _region_buffer(region).name == buffer_name:
+            return i
+    raise ValueError(f"{sch.get(block).name_hint} reads no buffer {buffer_name}")
+
+
+def _threads(cfg: ExpertsConfig, block_n: int) -> tuple[int, int]:
+    """(warps, lanes) of a tensor-core thread block."""
+    return cfg.block_m // cfg.warp_m * (block_n // cfg.warp_n), 32
+
+
+def _coop_fetch(sch: s_tir.Schedule, block, warps: int, lanes: int, vec: int) -> None:
+    """Spread a shared-memory fill over the thread block: vec contiguous elements per thread."""
+    loops = sch.get_loops(block)
+    _, ty, tx, v = sch.split(sch.fuse(*loops[-2:]), [None, warps, lanes, vec])
+    sch.bind(ty, "threadIdx.y")
+    sch.bind(tx, "threadIdx.x")
+    sch.vectorize(v)
+
+
+VECTOR_BYTES = 16  # one 128-bit load or store per thread when filling shared memory
+
+
+def _dtype(func) -> str:
+    """The weight dtype of an expert kernel built with stage_operands (its staged weight tile "ws")."""
+    return next(str(b.dtype) for b in func.body.block.alloc_buffers if b.name == "ws")
+
+
+def _mma_gemm(sch: s_tir.Schedule, name: str, cfg: ExpertsConfig, block_n: int, dtype: str,
+              a_stage: str | None, a_buffer: str):
+    """Tensorize block "gemm" (loops tile, block, m, c, k). a_stage: the block that produces A (its
+    rows gathered) or None when A is a function argument (`a_buffer`, read in place)."""
+    from . import tensor_intrin
+
+    intr = tensor_intrin.names(dtype, "shared")
+    vec = VECTOR_BYTES // 2  # 16-bit inputs
+    frag = tensor_intrin.FRAG
+    warps, lanes = _threads(cfg, block_n)
+    g = sch.get_sblock("gemm", func_name=name)
+    nt, b, m, c, k = sch.get_loops(g)
+    sch.bind(nt, "blockIdx.x")
+    sch.bind(b, "blockIdx.y")
+    m0, m1, m2 = sch.split(m, [cfg.block_m // cfg.warp_m, cfg.warp_m // frag, frag])
+    c0, c1, c2 = sch.split(c, [block_n // cfg.warp_n, cfg.warp_n // frag, frag])
+    k0, k1, k2 = sch.split(k, [None, cfg.block_k // frag, frag])
+    sch.reorder(m0, c0, k0, k1, m1, c1, m2, c2, k2)
+    warp = sch.fuse(m0, c0)
+    sch.bind(warp, "threadIdx.y")
+    outer = sch.blockize(m2)
+
+    # operands into shared memory, one block_k step at a time
+    load_w = sch.get_sblock("load_w", func_name=name)
+    if a_stage is not None:
+        a_sh = sch.get_sblock(a_stage, func_name=name)
+        sch.set_scope(a_sh, 0, "shared")
+    else:
+        a_sh = sch.cache_read(outer, _read_index(sch, outer, a_buffer), "shared")
+    sch.set_scope(load_w, 0, "shared")
+    for blk in (a_sh, load_w):
+        sch.compute_at(blk, k0)
+        sch.storage_align(blk, 0, axis=-2, factor=32, offset=8)  # rows 16 bytes apart: no bank conflicts
+        _coop_fetch(sch, blk, warps, lanes, vec)
+
+    # fragments into registers per k1 step, accumulator in registers for the whole reduction
+    a_w = sch.cache_read(outer, _read_index(sch, outer, _region_buffer(sch.get(a_sh).writes[0]).name), "warp")
+    b_w = sch.cache_read(outer, _read_index(sch, outer, _region_buffer(sch.get(load_w).writes[0]).name), "warp")
+    for blk in (a_w, b_w):
+        sch.compute_at(blk, k1)
+    c_w = sch.cache_write(outer, 0, "warp")
+    sch.reverse_compute_at(c_w, warp)
+    sch.set_scope(c_w, 0, "shared")
+    sch.decompose_reduction(outer, k0)
+
+    def frag_tiles(blk, rows_first: bool):
+        r, col = sch.get_loops(blk)[-2:]
+        r0, r1 = sch.split(r, [None, frag])
+        c0_, c1_ = sch.split(col, [None, frag])
+        sch.reorder(r0, c0_, r1, c1_)
+        return r1
+
+    la = frag_tiles(a_w, True)
+    lb = frag_tiles(b_w, True)
+    ls = frag_tiles(c_w, True)
+    sch.transform_layout(a_w, ("write", 0), tensor_intrin.frag_layout_4d)
+    sch.transform_layout(b_w, ("write", 0), tensor_intrin.frag_layout_4d)
+    sch.transform_layout(c_w, ("read", 0), tensor_intrin.frag_layout_4d)
+    sch.tensorize(la, intr["load_a"])
+    sch.tensorize(lb, intr["load_b"])
+    sch.tensorize(sch.get_loops(g)[-3], intr["compute"])
+    sch.tensorize(sch.get_loops(sch.get_sblock("gemm_init", func_name=name))[-2], intr["init"])
+    sch.tensorize(ls, intr["store"])
+    if cfg.stages > 1:  # the next block_k step's operands load (cp.async) while this one multiplies
+        sch.annotate(k0, "software_pipeline_stage", [0, 0, cfg.stages - 1])
+        sch.annotate(k0, "software_pipeline_order", [0, 1, 2])
+        sch.annotate(k0, "software_pipeline_async_stages", [0])
+    return warps, lanes
+
+
+def _epilogue_threads(sch: s_tir.Schedule, block, warps: int, lanes: int) -> None:
+    *_, m, c = sch.get_loops(block)
+    _, ty, tx = sch.split(sch.fuse(m, c), [None, warps, lanes])
+    sch.bind(ty, "threadIdx.y")
+    sch.bind(tx, "threadIdx.x")
+
+
+def _region_buffer(region):
+    """The buffer a block's read/write region names (TVM 0.27: TensorRegion.source)."""
+    return getattr(region, "buffer", None) or region.source
+
+
+def _exit_past_blocks(sch: s_tir.Schedule, name: str) -> s_tir.Schedule:
+    """Thread blocks past num_blocks (the grid covers every possible block) exit before touching
+    memory: their block_expert is -1. The kernels' `b < num_blocks` predicates do not survive
+    compute_at and blockize onto the staged loads, so the guard goes around the whole block body."""
+    import tvm_ffi
+    from tvm.ir import TensorLoad
+    from tvm.tirx import BufferLoad, Cast, For, IfThenElse
+    from tvm.tirx.op import tvm_thread_invariant
+
+    func = sch.mod[name]
+    found = []
+
+    def note(load):
+        buf = getattr(load, "buffer", None) or load.source
+        if buf.name == "num_blocks":
+            found.append(buf)
+        return load
+
+    tvm_ffi.structural_map(func.body, (TensorLoad, note))
+    num_blocks = found[0]
+
+    def guard(stmt):
+        if isinstance(stmt, For) and stmt.thread_binding is not None and stmt.thread_binding.thread_tag == "blockIdx.y":
+            # uniform over the thread block: TVM's sync planner must be told, or it refuses the
+            # barriers inside
+            live = tvm_thread_invariant(Cast("int64", stmt.loop_var) < Cast("int64", BufferLoad(num_blocks, [0])))
+            body = IfThenElse(live, stmt.body, None)
+            return For(stmt.loop_var, stmt.min, stmt.extent, stmt.kind, body, stmt.thread_binding, stmt.annotations)
+        return stmt
+
+    return _schedule(func.with_body(tvm_ffi.structural_map(func.body, (For, guard))), name)
