@@ -1,5 +1,6 @@
-"""`moegen bench --target cuda-sm90`: time moegen's prebuilt CUDA artifacts against the eager torch loop,
-torch._grouped_mm and a Triton fused-MoE, under CUDA graphs, next to the floor measured in the same run.
+"""`moegen bench --target cuda-sm90`: time moegen's prebuilt CUDA artifacts against two eager torch loops,
+torch._grouped_mm and a Triton fused-MoE, under CUDA graphs, next to the floor measured in the same run
+(contenders: moegen.baselines.torch_moe and triton_moe).
 
 Shape legend: T tokens, E experts, K top-k, H hidden, Hr routed width, I intermediate per expert,
 N13 = 2I (gated) | I rows of w13, S = T*K routed slots.
@@ -50,7 +51,9 @@ SPEC_DIRS = (REPO / "scripts" / "specs", REPO / "examples" / "specs")  # where a
 DEFAULT_ARTIFACTS = "gpu-bundle/artifacts"
 DEFAULT_SHAPES = ("mixtral-8x7b", "qwen3-30b-a3b", "gpt-oss-20b", "deepseek-v3")
 DEFAULT_TOKENS = (1, 16, 64, 256, 1024, 4096)
-CONTENDERS = ("moegen", "eager", "grouped_mm", "triton")
+# moegen, then the baselines (moegen.baselines): eager = the capturable dense per-expert loop, eager_hf =
+# HF's loop over the hit experts (planned on the host per input), grouped_mm, triton = the fused MoE sweep
+CONTENDERS = ("moegen", "eager", "eager_hf", "grouped_mm", "triton")
 
 COPY_BYTES = 1 << 30  # the copy ceiling's source tensor: 20x the H100's 50 MiB L2
 GEMM_SIZE = 8192  # the GEMM ceiling's M = N = K: reaches the bf16 tensor-core peak
@@ -170,6 +173,8 @@ def make_contender(name: str, spec: MoESpec, weights: dict, runner, logits: torc
             raise BenchUnavailable("no moegen artifact for this shape")
         return runner.forward
     if name == "eager":
+        return lambda x, lg: torch_moe.dense_loop_moe(spec, weights, x, lg)
+    if name == "eager_hf":
         return torch_moe.EagerLoop(spec, weights).plan(logits)
     if name == "grouped_mm":
         return lambda x, lg: torch_moe.grouped_mm_moe(spec, weights, x, lg)
@@ -309,17 +314,20 @@ def format_table(report: dict) -> str:
     """One line per cell: floor, then each contender's µs (its % of the floor); "!" marks an output
     above the tolerance against moe_ref, "error" a contender that failed (the JSON says why)."""
     names = report["contenders"]
-    head = ["shape", "T", "experts", "floor µs", "bound"] + [f"{n} µs (% floor)" for n in names] + ["triton config"]
+    sweep = "triton" in names  # the best Triton config of each cell in the last column
+    head = (["shape", "T", "experts", "floor µs", "bound"] + [f"{n} µs (% floor)" for n in names]
+            + (["triton config"] if sweep else []))
     lines = []
     for c in report["cells"]:
         lines.append([c["shape"], str(c["tokens"]), f"{c['experts_touched']}", f"{c['floor_us']:.0f}",
                       "bw" if c["bound"] == "bandwidth" else "flops"]
-                     + [_cell_text(c, n) for n in names] + [c.get("triton", {}).get("best") or "-"])
+                     + [_cell_text(c, n) for n in names]
+                     + ([c.get("triton", {}).get("best") or "-"] if sweep else []))
     table = [head, None] + lines
     widths = [max(len(cells[i]) for cells in table if cells) for i in range(len(head))]
 
     def fmt(cells):  # text columns left, numbers right
-        return "  ".join(c.ljust(w) if i in (0, 4, len(head) - 1) else c.rjust(w)
+        return "  ".join(c.ljust(w) if i in (0, 4) or (sweep and i == len(head) - 1) else c.rjust(w)
                          for i, (c, w) in enumerate(zip(cells, widths)))
 
     out = [fmt(cells) if cells else fmt(["-" * w for w in widths]) for cells in table]

@@ -215,7 +215,7 @@ def spec_from_hf(config_path, tp, ep, name, out_path):
 @click.option("--triton-configs", default=0, show_default=True,
               help="CUDA: sweep only the first N Triton configs of each token bucket (0: all, 6-7).")
 @click.option("--contenders", default=None,
-              help="CUDA: a comma-separated subset of moegen,eager,grouped_mm,triton [default: all].")
+              help="CUDA: a comma-separated subset of moegen,eager,eager_hf,grouped_mm,triton [default: all].")
 @click.option("--plot", "plot_path", type=click.Path(dir_okay=False), help="CUDA: also write the roofline PNG.")
 def bench(target, shapes, tokens, out_dir, artifacts_dir, json_path, repeats, replays, triton_configs,
           contenders, plot_path):
@@ -223,7 +223,7 @@ def bench(target, shapes, tokens, out_dir, artifacts_dir, json_path, repeats, re
 
     \b
     CPU: moegen vs the eager PyTorch loop (builds the artifacts).
-    cuda-sm90: moegen vs the eager loop, torch._grouped_mm and a Triton fused MoE, under CUDA graphs.
+    cuda-sm90: moegen vs two eager loops, torch._grouped_mm and a Triton fused MoE, under CUDA graphs.
     """
     from .targets import load_target
 

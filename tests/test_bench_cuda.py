@@ -94,7 +94,8 @@ def synthetic_report() -> dict:
     cells = []
     for shape, E in (("mixtral-8x7b", 8), ("qwen3-30b-a3b", 128)):
         for T, floor in ((1, 234.0), (16, 938.0), (4096, 4117.0)):
-            us = {"moegen": floor * 2.0, "eager": floor * 3.0, "grouped_mm": floor * 1.3, "triton": floor * 1.1}
+            us = {"moegen": floor * 2.0, "eager": floor * 30.0, "eager_hf": floor * 3.0, "grouped_mm": floor * 1.3,
+                  "triton": floor * 1.1}
             cells.append({"shape": shape, "tokens": T, "experts_touched": min(E, 2 * T), "experts_expected": 2.0,
                           "bytes": int(floor * 3e6), "flops": 2 * T * 2 * 3 * 4096 * 14336, "intensity": 1.0 * T,
                           "floor_us": floor, "bound": "bandwidth", "us": us,
@@ -170,8 +171,10 @@ def test_torch_contenders_match_moe_ref(name, T):
     w = random_weights(spec, 0)
     x, logits = bench_cuda.cell_inputs(spec, T, "cpu", seed=T)
     ref = moe_ref(spec, w, x, logits)
-    eager = torch_moe.EagerLoop(spec, w).plan(logits)(x, logits)
-    assert type(eager) is type(ref) and rel_err(eager, ref) < TOL
+    eager_hf = torch_moe.EagerLoop(spec, w).plan(logits)(x, logits)
+    assert type(eager_hf) is type(ref) and rel_err(eager_hf, ref) < TOL
+    dense = torch_moe.dense_loop_moe(spec, w, x, logits)
+    assert type(dense) is type(ref) and rel_err(dense, ref) < TOL
     if _grouped_mm_on_cpu():
         grouped = torch_moe.grouped_mm_moe(spec, w, x, logits)
         assert type(grouped) is type(ref) and rel_err(grouped, ref) < TOL

@@ -7,10 +7,14 @@ N13 = 2I (gated) | I rows of w13, Is shared intermediate.
 Each contender is fn(x [T, H], logits [T, E] fp32) -> routed [T, Hr], or (shared [T, H], routed [T, Hr])
 as MoERunner returns, computed in the spec dtype (bf16) with moegen.reference's semantics. Nothing in a
 forward synchronises with the host, so a forward captures in a CUDA graph:
-  - EagerLoop: the per-expert loop of HF transformers (x_e @ w13[e]^T -> act -> @ w2[e]^T, weighted,
-    index_add). HF reads the hit experts and their row counts on the host every forward (a sync); here
-    that plan is read once per input before capture (`plan`), so the timed work is exactly HF's kernels
-    without the sync.
+  - dense_loop_moe ("eager"): the per-expert loop a plain PyTorch layer can capture: every expert runs
+    on every token (x @ w13[e]^T -> act -> @ w2[e]^T), times the token's routing weight for e (zero when
+    e was not chosen), summed. No shape depends on the routing, so it is valid for any input; it pays
+    E/K times the routed FLOPs and reads every expert.
+  - EagerLoop ("eager_hf"): the per-expert loop of HF transformers (x_e @ w13[e]^T -> act -> @ w2[e]^T,
+    weighted, index_add) on the hit experts only. HF reads the hit experts and their row counts on the
+    host every forward (a sync); here that plan is read once per input before capture (`plan`), so the
+    timed work is exactly HF's kernels without the sync, and a captured graph is valid for that routing only.
   - grouped_mm_moe: slots sorted by expert, torch._grouped_mm with offsets, activation, a second
     grouped mm, weighted scatter-add (the torchtitan / HF "grouped_mm" path).
 """
@@ -60,6 +64,24 @@ def sort_slots(topk_ids: torch.Tensor, num_experts: int):
     counts = torch.zeros(num_experts, dtype=torch.long, device=flat.device).scatter_add_(0, flat, torch.ones_like(flat))
     order = torch.sort(flat, stable=True).indices
     return order, counts, torch.cumsum(counts, 0).to(torch.int32)
+
+
+def dense_loop_moe(spec: MoESpec, weights: dict[str, torch.Tensor], x: torch.Tensor, logits: torch.Tensor):
+    """Every expert on every token, weighted by the (mostly zero) dense routing weights [T, E]."""
+    w, dt = weights, x.dtype
+    xr = routed_input(spec, w, x)  # [T, Hr]
+    ids, tw = route(spec, w, logits)
+    T, E = x.shape[0], spec.num_experts
+    dense_w = torch.zeros(T, E, dtype=dt, device=x.device).scatter_(1, ids.long(), tw.to(dt))  # [T, E]
+    chosen = torch.zeros(T, E, dtype=dt, device=x.device).scatter_(1, ids.long(), 1.0)  # [T, E] 0/1
+    out = torch.zeros(T, spec.routed_width, dtype=torch.float32, device=x.device)
+    bias = spec.expert_bias
+    for e in range(E):
+        xe = xr * dense_w[:, e, None] if spec.router.apply_weight_on_input else xr
+        gu = F.linear(xe, w["w13"][e], w["w13_bias"][e] if bias else None)  # [T, N13]
+        y = F.linear(act(spec, gu), w["w2"][e], w["w2_bias"][e] if bias else None)  # [T, Hr]
+        out += (y * (chosen if spec.router.apply_weight_on_input else dense_w)[:, e, None]).float()
+    return with_shared(spec, w, x, out.to(dt))
 
 
 class EagerLoop:
