@@ -51,7 +51,7 @@ gpu-bundle:
 
 # On the GPU box (after the set-up above; torch + triton there, no TVM): moegen vs the eager loop,
 # torch._grouped_mm and the Triton fused MoE on the prebuilt gpu-bundle/artifacts, under CUDA graphs;
-# about 5 minutes on an H100 for 4 shapes x 6 token counts. Narrow it with BENCH_GPU_FLAGS, e.g.
+# about 3 minutes on an H100 for 4 shapes x 6 token counts. Narrow it with BENCH_GPU_FLAGS, e.g.
 #   make bench-gpu PY=python3 BENCH_GPU_FLAGS="--shapes qwen3-30b-a3b --tokens 1,16"
 BENCH_GPU_FLAGS ?=
 bench-gpu:

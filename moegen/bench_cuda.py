@@ -400,7 +400,8 @@ def plot_report(report: dict, path) -> Path:
                     pct.scatter(x, c["floor_us"] / c["us"][n] * 100, color=colors[n], marker=markers[s], s=36,
                                 edgecolors="red" if not c["ok"].get(n, True) else "none")
             ticks.append(x)
-            labels.append(str(c["tokens"]))
+            T = c["tokens"]
+            labels.append(f"{T // 1024}k" if T >= 1024 and T % 1024 == 0 else str(T))  # 4096 -> 4k: ticks stay apart
             x += 1
         spans.append((s, first, x - 1))
         x += 1  # a gap between shapes
