@@ -165,6 +165,19 @@ def export_library(ex, target: TargetInfo, out: Path) -> dict:
             "embedded": [{"kind": k, "arch": a} for k, a in embedded]}
 
 
+def generator_hash() -> str:
+    """SHA-256 over the code that decides what an artifact computes and how it is scheduled (the
+    kernels, schedule rules and build): two artifacts with equal spec, config and generator hash hold
+    the same kernels, so a tuner may reuse one instead of rebuilding it."""
+    import hashlib
+
+    pkg = Path(__file__).resolve().parent
+    h = hashlib.sha256()
+    for f in sorted([*pkg.glob("kernels/*.py"), *pkg.glob("schedule/*.py"), pkg / "build.py"]):
+        h.update(f.relative_to(pkg).as_posix().encode() + b"\0" + f.read_bytes())
+    return h.hexdigest()
+
+
 def describe_functions(mod) -> dict:
     """Argument names, shapes (T symbolic) and dtypes of every exported function, for the manifest."""
     out = {}
@@ -260,6 +273,7 @@ def build(spec: MoESpec, target_name: str, out_root: Path, *, golden: bool = Tru
             "format_version": FORMAT_VERSION,
             "moegen_version": __version__,
             "tvm_version": tvm.__version__,
+            "generator_sha256": generator_hash(),
             "spec": spec.to_dict(),
             "spec_hash": spec.hash,
             "target": {"name": target.name, "family": target.family, "tvm": target.tvm,

@@ -183,7 +183,7 @@ def moe_ref(spec: MoESpec, weights: dict[str, torch.Tensor], hidden_states: torc
         raise ValueError("router_logits is required when the weights hold no 'gate'")
     ids, w = route_ref(router_logits, spec.router, spec.top_k, weights.get("e_score_correction_bias"))
     T, K = ids.shape
-    routed = torch.zeros(T, spec.routed_width)
+    routed = torch.zeros(T, spec.routed_width, device=x.device)
     for k in range(K):
         for e in ids[:, k].unique().tolist():
             rows = torch.nonzero(ids[:, k] == e).flatten()

@@ -174,7 +174,10 @@ def _reusable(art: Path, spec, fitted: dict, sched_sha: str) -> bool:
         m = read_manifest(art)
     except ArtifactError:
         return False
+    from .build import generator_hash
+
     return (m["spec_hash"] == spec.hash and m.get("tvm_version") == tvm.__version__
+            and m.get("generator_sha256") == generator_hash()
             and [p["config"] for p in m["paths"]] == [fitted] and (m.get("schedules") or {}).get("sha256") == sched_sha)
 
 

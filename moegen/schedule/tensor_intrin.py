@@ -43,12 +43,10 @@ def frag_layout_4d(*idx):
 
 
 def _ldmatrix(dtype: str, operand: str):
-    # A (row-major, rows x k) loads as stored; B (k x n) loads transposed so each thread gets k-pairs
+    # A (row-major, rows x k) loads as stored; B (k x n, row-major) loads with .trans so each thread
+    # gets pairs along k. Either way thread tx gives the address of row tx % 16, columns 8 * (tx // 16)..
     trans = operand == "B"
-    if trans:  # thread tx points at row (k) 8*(tx // 16) + tx % 8, column block 8 * ((tx % 16) // 8)
-        smem_offset = lambda tx, s: s * 8 * (tx // HALF) + s * (tx % 8) + 8 * ((tx % HALF) // 8)  # noqa: E731
-    else:  # thread tx points at row tx % 16, column block 8 * (tx // 16)
-        smem_offset = lambda tx, s: s * (tx % HALF) + 8 * (tx // HALF)  # noqa: E731
+    smem_offset = lambda tx, s: s * (tx % HALF) + 8 * (tx // HALF)  # noqa: E731
     li_dt = dtype
 
     @T.prim_func(s_tir=True)
