@@ -232,13 +232,29 @@ def build_candidates(spec, target_name: str, candidates_path: Path | str, tune_d
 # ---- choosing winners (pure Python) ---------------------------------------------------------------
 
 
-def pick_winners(times: dict[str, list[float]], order: list[str]) -> list[str]:
+def pick_winners(times: dict[str, list[float]], order: list[str], layout: dict[str, Any] | None = None) -> list[str]:
     """Per token count (index), the candidate with the lowest time; ties go to the earlier one in
-    `order`. `times[id][i]` is the time at the i-th token count (missing candidates are ignored)."""
+    `order`. `times[id][i]` is the time at the i-th token count (missing candidates are ignored).
+
+    layout: candidate -> the packed weight layout it reads (block_n_up, block_n_down). The runner packs
+    the weights once per layout, so paths of two layouts would hold the weights twice: winners all come
+    from the one layout whose best times are closest to the unrestricted best (geometric mean of the
+    ratios over token counts; ties to the layout of the earlier candidate)."""
     ids = [c for c in order if c in times]
     if not ids:
         raise ValueError("no candidate has times")
     n = len(times[ids[0]])
+    if layout is not None:
+        best = [min(times[c][i] for c in ids) for i in range(n)]
+        groups: dict[Any, list[str]] = {}
+        for c in ids:
+            groups.setdefault(layout[c], []).append(c)
+
+        def cost(members: list[str]) -> float:
+            return math.fsum(math.log(min(times[c][i] for c in members) / best[i]) for i in range(n))
+
+        chosen = min(groups.values(), key=lambda m: (cost(m), ids.index(m[0])))
+        ids = [c for c in ids if c in chosen]
     return [min(ids, key=lambda c: (times[c][i], ids.index(c))) for i in range(n)]
 
 
@@ -513,7 +529,8 @@ def run_tuning(tune_dir: Path | str, tokens: list[int], out_path: Path | str, *,
         _write_atomic(tune_dir / RESULTS_JSON, json.dumps(summary, indent=1))
         raise AllRejected(f"every candidate was rejected; see {tune_dir / RESULTS_JSON}")
     order = [c["id"] for c in doc["candidates"]]
-    winners = pick_winners(good, order)
+    layouts = {c["id"]: (c["fitted"]["block_n_up"], c["fitted"]["block_n_down"]) for c in doc["candidates"]}
+    winners = pick_winners(good, order, layouts)
     paths = merge_paths(tokens, winners, K, El)
     summary["winners"] = dict(zip(map(str, tokens), winners))
     summary["paths"] = paths

@@ -92,7 +92,7 @@ def test_candidates_filtered_by_config_ok_after_fitting():
 
 
 def test_shipped_candidate_files_fit_the_real_specs():
-    for family, n in (("cuda", 11), ("cpu", 9)):
+    for family, n in (("cuda", 12), ("cpu", 9)):
         cfgs = tune.load_candidates_file(tune.CANDIDATES_DIR / f"{family}.yaml")
         assert len(cfgs) == n <= 12
         for name in ("qwen3-30b-a3b", "mixtral-8x7b"):
@@ -357,3 +357,15 @@ def test_tune_bad_input_exits_2_with_one_line(tuned, tmp_path):
                                  "-o", tmp_path / "td"))
     assert "no candidate fits tiny" in line
     assert not (tmp_path / "td" / "candidates.json").exists()
+
+
+def test_winners_share_one_weight_layout():
+    """The runner packs weights once per (block_n_up, block_n_down): winners come from the layout
+    closest to the unrestricted best, so a tuned schedule never makes the runner hold two copies."""
+    times = {"A": [10, 50, 500], "B": [12, 20, 100], "C": [30, 21, 90]}
+    assert tune.pick_winners(times, ["A", "B", "C"]) == ["A", "B", "C"]
+    layout = {"A": (128, 64), "B": (128, 128), "C": (128, 128)}
+    # (128, 128): ratios 1.2, 1, 1 beat (128, 64): 1, 2.5, 5.6
+    assert tune.pick_winners(times, ["A", "B", "C"], layout) == ["B", "B", "C"]
+    layout = {"A": (64, 64), "B": (64, 64), "C": (128, 128)}
+    assert tune.pick_winners(times, ["A", "B", "C"], layout) == ["A", "B", "B"]
