@@ -252,3 +252,25 @@ def test_schedules_allocate_no_token_sized_buffers():
             assert allocs, "expected register tiles"
             for line in allocs:
                 assert "T_1" not in line and "num_blocks" not in line, line
+
+
+@pytest.mark.parametrize("gated", [True, False])
+def test_packing_in_expert_chunks_matches_the_layout(gated, monkeypatch):
+    """Weights pack a chunk of experts per copy (few launches at load); chunks of 2 of 5 experts
+    (a ragged last chunk) give exactly the tile layout kernels/experts.py documents."""
+    monkeypatch.setattr(packing, "CHUNK_BYTES", 2 * (96 if gated else 48) * 40 * 4)
+    g = torch.Generator().manual_seed(3)
+    w13 = torch.randn(5, 96 if gated else 48, 40, generator=g)
+    got = packing.pack_w13(w13, 16, gated)
+    E, N, H = w13.shape
+    for e in range(E):
+        for t in range(N // 16):
+            for c in range(16):
+                col = (t * 8 + c if c < 8 else N // 2 + t * 8 + c - 8) if gated else t * 16 + c
+                assert torch.equal(got[e, t, :, c], w13[e, col]), (e, t, c)
+    w2 = torch.randn(5, 48, 24, generator=g)
+    monkeypatch.setattr(packing, "CHUNK_BYTES", 2 * 48 * 24 * 4)
+    got2 = packing.pack_w2(w2, 16)
+    for e in range(5):
+        for t in range(3):
+            assert torch.equal(got2[e, t], w2[e, t * 16:(t + 1) * 16].T)

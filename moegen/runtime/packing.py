@@ -9,20 +9,32 @@ from __future__ import annotations
 import torch
 
 
+CHUNK_BYTES = 256 << 20  # experts packed per copy: few launches, bounded extra memory
+
+
+def _chunks(t: torch.Tensor):
+    """Expert ranges [e0, e1) of about CHUNK_BYTES each (at least one expert)."""
+    E = t.shape[0]
+    per = max(1, CHUNK_BYTES // max(1, t[0].numel() * t.element_size()))
+    return ((e0, min(E, e0 + per)) for e0 in range(0, E, per))
+
+
 def pack_w13(w13: torch.Tensor, block_n: int, gated: bool) -> torch.Tensor:
     """[E, N13, Hp] -> [E, N13/BN, Hp, BN]; gated tiles hold BN/2 gate columns then the matching up ones.
-    Packs expert by expert into one new tensor: peak memory is the packed copy plus one expert."""
+    Packs a chunk of experts per copy into one new tensor: peak memory is the packed copy plus a chunk."""
     E, N, H = w13.shape
     out = torch.empty(E, N // block_n, H, block_n, dtype=w13.dtype, device=w13.device)
     half = block_n // 2
-    for e in range(E):
+    for e0, e1 in _chunks(w13):
+        n = e1 - e0
         if gated:
             I = N // 2
-            gate, up = w13[e, :I].reshape(I // half, half, H), w13[e, I:].reshape(I // half, half, H)
-            out[e, :, :, :half] = gate.transpose(1, 2)
-            out[e, :, :, half:] = up.transpose(1, 2)
+            gate = w13[e0:e1, :I].reshape(n, I // half, half, H)
+            up = w13[e0:e1, I:].reshape(n, I // half, half, H)
+            out[e0:e1, :, :, :half] = gate.transpose(2, 3)
+            out[e0:e1, :, :, half:] = up.transpose(2, 3)
         else:
-            out[e] = w13[e].reshape(N // block_n, block_n, H).transpose(1, 2)
+            out[e0:e1] = w13[e0:e1].reshape(n, N // block_n, block_n, H).transpose(2, 3)
     return out
 
 
@@ -32,11 +44,11 @@ def pack_b13(b13: torch.Tensor, block_n: int, gated: bool) -> torch.Tensor:
 
 
 def pack_w2(w2: torch.Tensor, block_n: int) -> torch.Tensor:
-    """[E, Hp, I] -> [E, Hp/BN, I, BN], expert by expert."""
+    """[E, Hp, I] -> [E, Hp/BN, I, BN], a chunk of experts per copy."""
     E, H, I = w2.shape
     out = torch.empty(E, H // block_n, I, block_n, dtype=w2.dtype, device=w2.device)
-    for e in range(E):
-        out[e] = w2[e].reshape(H // block_n, block_n, I).transpose(1, 2)
+    for e0, e1 in _chunks(w2):
+        out[e0:e1] = w2[e0:e1].reshape(e1 - e0, H // block_n, block_n, I).transpose(2, 3)
     return out
 
 
