@@ -29,25 +29,35 @@ bench:
 clean:
 	rm -rf artifacts/*/ .pytest_cache
 
-# What a GPU box without TVM needs to check CUDA artifacts (built here, no GPU needed): the artifacts,
-# cp312 wheels of the runtime's dependencies, and the check scripts. On the GPU box, from the repo root:
+# What a GPU box without TVM needs to check CUDA artifacts (built here, no GPU needed), in parts that each
+# fit the device tool's 64 MiB carry: gpu-bundle/whl (cp312 wheels of the runtime's dependencies, 14 MB),
+# gpu-bundle/artifacts (the example and scripts/specs artifacts), gpu-bundle/hf (the hf-*.yaml specs
+# scripts/hf_gpu_check.py patches models with) and gpu-bundle/whl-hf (the transformers wheel).
+# On the GPU box, from the repo root:
 #   pip install --no-deps --target /tmp/site gpu-bundle/whl/*.whl && PYTHONPATH=/tmp/site:. \
 #   python3 scripts/gpu_check.py && python3 scripts/nccl_check.py   (2 GPUs)
+#   pip install --no-deps --target /tmp/site gpu-bundle/whl-hf/*.whl && PYTHONPATH=/tmp/site:. \
+#   MOEGEN_GPU_ARTIFACTS=gpu-bundle/hf python3 scripts/hf_gpu_check.py
 # and the GPU bench (scripts/specs/ holds the real-size shapes it times; see bench-gpu below):
 #   PYTHONPATH=/tmp/site:. make bench-gpu PY=python3
 GPU_TARGET ?= cuda-sm90
 GPU_SPECS := examples/specs/tiny.yaml examples/specs/deepseek-v3-small.yaml examples/specs/gpt-oss-small.yaml \
              examples/specs/latent-small.yaml examples/specs/qwen3-30b-a3b.yaml
-WHEELS := apache-tvm-ffi==0.1.14.post1 click==8.5.1 PyYAML==6.0.4 onnx==1.23.2 protobuf==7.36.2 ml_dtypes==0.6.0 transformers==5.24.0
+WHEELS := apache-tvm-ffi==0.1.14.post1 click==8.5.1 PyYAML==6.0.4 onnx==1.23.2 protobuf==7.36.2 ml_dtypes==0.6.0
+HF_WHEELS := transformers==5.24.0
+PIP_CP312 := $(BIN)/python -m pip download --quiet --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
+	  --platform manylinux_2_28_x86_64 --platform manylinux_2_27_x86_64 --platform manylinux_2_17_x86_64 \
+	  --platform manylinux2014_x86_64
 
 gpu-bundle:
-	rm -rf gpu-bundle && mkdir -p gpu-bundle/whl
+	rm -rf gpu-bundle && mkdir -p gpu-bundle/whl gpu-bundle/whl-hf
 	for s in $(GPU_SPECS); do $(BIN)/moegen build $$s --target $(GPU_TARGET) -o gpu-bundle/artifacts || exit 1; done
-	for s in scripts/specs/*.yaml; do $(BIN)/moegen build $$s --target $(GPU_TARGET) -o gpu-bundle/artifacts --no-golden || exit 1; done
-	$(BIN)/python -m pip download --quiet --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
-	  --platform manylinux_2_28_x86_64 --platform manylinux_2_27_x86_64 --platform manylinux_2_17_x86_64 \
-	  --platform manylinux2014_x86_64 -d gpu-bundle/whl $(WHEELS)
-	du -sh gpu-bundle
+	for s in $$(ls scripts/specs/*.yaml | grep -v '/hf-'); do \
+	  $(BIN)/moegen build $$s --target $(GPU_TARGET) -o gpu-bundle/artifacts --no-golden || exit 1; done
+	for s in scripts/specs/hf-*.yaml; do $(BIN)/moegen build $$s --target $(GPU_TARGET) -o gpu-bundle/hf --no-golden || exit 1; done
+	$(PIP_CP312) -d gpu-bundle/whl $(WHEELS)
+	$(PIP_CP312) -d gpu-bundle/whl-hf $(HF_WHEELS)
+	du -sh gpu-bundle/*
 
 # On the GPU box (after the set-up above; torch + triton there, no TVM): moegen vs the eager loop,
 # torch._grouped_mm and the Triton fused MoE on the prebuilt gpu-bundle/artifacts, under CUDA graphs;

@@ -271,9 +271,9 @@ def _stale_reason(spec: MoESpec, target, path: Path, manifest: dict) -> str | No
     if manifest.get("tvm_version") != tvm.__version__:
         return f"TVM {manifest.get('tvm_version')} != {tvm.__version__}"
     shapes = expert_shapes(spec)
-    want = path_records(load_paths(target.family), shapes)
+    want = path_records(load_paths(target.name), shapes)  # schedules/<target>.yaml, else <family>.yaml
     if manifest["paths"] != want:
-        return f"schedules/{target.family}.yaml changed"
+        return f"the schedules for {target.name} changed"
     built = (path / "manifest.json").stat().st_mtime
     for src in BUILD_INPUTS:
         root = REPO / src

@@ -1,4 +1,5 @@
-"""The `moegen` command: build, verify, inspect, bench.
+"""The `moegen` command: build, verify, inspect, bench (CPU; `--target cuda-*` on a GPU box), bench-plot,
+spec from-hf, tune build / tune run.
 
 Exit codes: 0 success; 1 a verification found a mismatch; 2 bad input (spec field, target, artifact,
 option), with one line on stderr naming what is wrong and what is allowed; 3 an internal error (a bug:

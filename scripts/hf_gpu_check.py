@@ -1,6 +1,6 @@
 """Hugging Face transformers models on moegen artifacts, on a GPU box without TVM (run from the repo root):
 
-    pip install --no-deps --target /tmp/site gpu-bundle/whl/*.whl
+    pip install --no-deps --target /tmp/site gpu-bundle/whl/*.whl gpu-bundle/whl-hf/*.whl
     PYTHONPATH=/tmp/site:. python3 scripts/hf_gpu_check.py
 
 (a) small models of the five families (the deterministic configs SMALL below, random weights, bf16):
@@ -9,8 +9,8 @@
     DeepSeek-V3, gpt-oss-20b), the transformers block with random weights vs moegen: max |err|, rel. error;
 (c) greedy generation of the small models, batch 1: tokens/s with and without moegen, tokens that agree.
 
-Artifacts: scripts/specs/hf-*.yaml, which `make gpu-bundle` builds, under $MOEGEN_GPU_ARTIFACTS (default
-gpu-bundle/artifacts)/<spec name>/<target>. `--write-specs` rewrites those spec files from SMALL and REAL
+Artifacts: scripts/specs/hf-*.yaml, which `make gpu-bundle` builds into gpu-bundle/hf, under
+$MOEGEN_GPU_ARTIFACTS (default gpu-bundle/hf)/<spec name>/<target>. `--write-specs` rewrites those spec files from SMALL and REAL
 (build box). `--device cpu --target cpu-avx512 --artifacts DIR` runs the same checks on CPU artifacts of
 the small specs, (b) on the small layers (tests/test_hf_patch.py does). Exit status 1 when a check fails.
 Imports torch, transformers, moegen.runtime and moegen.integrations.hf (and moegen.verify's rel_error):
@@ -257,7 +257,7 @@ def _shape(family: str, kind: str) -> str:
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--device", default="cuda")
-    ap.add_argument("--artifacts", default=os.environ.get("MOEGEN_GPU_ARTIFACTS", "gpu-bundle/artifacts"))
+    ap.add_argument("--artifacts", default=os.environ.get("MOEGEN_GPU_ARTIFACTS", "gpu-bundle/hf"))
     ap.add_argument("--target", default=None, help="default: cuda-sm90 on a GPU, the cpu-* build on the CPU")
     ap.add_argument("--families", default=",".join(FAMILIES))
     ap.add_argument("--new-tokens", type=int, default=64)

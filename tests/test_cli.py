@@ -23,7 +23,7 @@ from moegen.cli import main
 from moegen.spec import ACTIVATIONS, DTYPES, SCORINGS, SUPPORTED_QUANT
 from moegen.targets import available_targets
 
-SUBCOMMANDS = ("build", "verify", "inspect", "bench")
+SUBCOMMANDS = ("build", "verify", "inspect", "bench", "tune")
 MOEGEN = Path(sys.executable).parent / "moegen"  # the console script of this venv
 
 
