@@ -45,7 +45,8 @@ def test_cuda_artifact_refused_on_the_cpu(artifact):
 
 def test_cuda_functions_keep_the_token_count_symbolic(artifact):
     m = read_manifest(artifact("tiny", "cuda-sm90"))
-    x = next(a for a in m["functions"]["experts_up_decode"] if a["name"] == "x")
+    first = m["paths"][0]["name"]
+    x = next(a for a in m["functions"][f"experts_up_{first}"] if a["name"] == "x")
     assert not x["shape"][0].isdigit() and x["shape"][1] == "128"
 
 
@@ -78,24 +79,25 @@ def _kernel(src: str, name: str) -> str:
 
 @pytest.mark.parametrize("dtype,ab", [("bfloat16", "bf16"), ("float16", "f16")])
 def test_tensor_core_paths_use_ldmatrix_and_mma(dtype, ab, tmp_path):
-    """schedules/cuda.yaml runs the `small` path on tensor cores: both expert GEMMs load fragments with
-    ldmatrix and multiply with mma.sync m16n8k16 in the spec's dtype (fp32 accumulate); the decode path
-    stays on CUDA cores; blocks past num_blocks exit before touching memory."""
+    """The shipped cuda-sm90 schedule runs its multi-row paths on tensor cores: both expert GEMMs load
+    fragments with ldmatrix and multiply with mma.sync m16n8k16 in the spec's dtype (fp32 accumulate);
+    the one-row decode path stays on CUDA cores; blocks past num_blocks exit before touching memory."""
     import dataclasses
 
     from moegen.build import build
 
     spec = dataclasses.replace(load_spec(SPECS / "tiny.yaml"), dtype=dtype)
     root = build(spec, "cuda-sm90", tmp_path)
-    paths = {p["name"]: p["config"] for p in read_manifest(root)["paths"]}
-    assert paths["small"]["mma"] and not paths["decode"]["mma"]
+    paths = [(p["name"], p["config"]) for p in read_manifest(root)["paths"]]
+    decode, tc = paths[0], next((n, c) for n, c in paths if c["mma"])
+    assert decode[1]["block_m"] == 1 and not decode[1]["mma"]
     src = (root / "moe.cu").read_text()
-    for fn in ("experts_up_small", "experts_down_small"):
+    for fn in (f"experts_up_{tc[0]}", f"experts_down_{tc[0]}"):
         k = _kernel(src, fn)
         assert MMA_PTX.format(ab=ab) in k and "ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16" in k, fn
         guard = k.index("num_blocks_ptr[0]")
         assert guard < k.index("ldmatrix") and guard < k.index("block_expert_ptr["), fn
-    assert "mma.sync" not in _kernel(src, "experts_up_decode")
+    assert "mma.sync" not in _kernel(src, f"experts_up_{decode[0]}")
 
 
 def test_tensor_intrinsics_tensorize_a_plain_matmul():
