@@ -1,11 +1,12 @@
-"""CUDA schedule rules (first version: correct, simple, CUDA-core arithmetic).
+"""CUDA schedule rules: warp routing, a one-block dispatch, expert GEMMs on CUDA cores (one row per
+block: split-K decode; a few rows: register tiles) or on tensor cores (config.mma: ldmatrix + mma.sync).
 
-Shape legend: T tokens, K top-k, Hp padded hidden, I intermediate, BM x BN tile, NT weight tiles.
+Shape legend: T tokens, K top-k, Hp padded hidden, I intermediate, BM x BN tile, NT weight tiles,
+BK reduction step, warp_m x warp_n the piece of a tile one warp computes.
 Each rule is `apply(func, name, config)`; thread counts and tiles come from `config` only.
-
-What this version does not do yet (issue 3): tensor cores (mma.sync / wgmma), a decode path that splits
-the reduction across warps, a parallel dispatch. (Weight tile, sorted block) pairs map to thread blocks,
-tile columns to threads, so loads of a weight row are coalesced and used for the block's BM rows.
+(Weight tile, sorted block) pairs map to thread blocks; blocks past num_blocks exit at once.
+Not done yet (issue 3): wgmma, a pipelined or register-epilogue prefill tile that beats Triton's
+from 256 tokens up, a decode path without the sort (docs/perf.md).
 """
 
 from __future__ import annotations
