@@ -375,3 +375,15 @@ def test_winners_share_one_weight_layout():
     assert tune.pick_winners(times, ["A", "B", "C"], layout) == ["B", "B", "C"]
     layout = {"A": (64, 64), "B": (64, 64), "C": (128, 128)}
     assert tune.pick_winners(times, ["A", "B", "C"], layout) == ["A", "B", "B"]
+
+
+def test_shipped_gpu_schedules_keep_one_weight_layout():
+    """The runner packs weights once per (block_n_up, block_n_down): every shipped CUDA schedule uses
+    one, so a GPU holds a layer's weights once (the CPU file's prefill tile differs: two copies)."""
+    from moegen.schedule.config import SCHEDULES_DIR, load_paths
+
+    files = sorted(SCHEDULES_DIR.glob("cuda*.yaml"))
+    assert files
+    for f in files:
+        layouts = {(p.experts.block_n_up, p.experts.block_n_down) for p in load_paths(f.stem)}
+        assert len(layouts) == 1, (f.name, layouts)
