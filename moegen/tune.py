@@ -152,16 +152,9 @@ def filter_candidates(configs: list, shapes) -> tuple[list[dict], list[dict]]:
 
 
 def load_candidates_file(path: Path | str) -> list:
-    import yaml
+    from .schedule.config import read_yaml
 
-    path = Path(path)
-    try:
-        data = yaml.safe_load(path.read_text())
-    except OSError as e:
-        raise TuneError(f"candidates file {path}: cannot read ({e.strerror})") from None
-    except yaml.YAMLError as e:
-        raise TuneError(f"candidates file {path}: not valid YAML ({' '.join(str(e).split())})") from None
-    return expand_candidates(data, str(path))
+    return expand_candidates(read_yaml(path, "candidates file", TuneError), str(path))
 
 
 def _reusable(art: Path, spec, fitted: dict, sched_sha: str) -> bool:

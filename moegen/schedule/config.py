@@ -133,17 +133,22 @@ def schedule_file(target: str) -> Path:
     return SCHEDULES_DIR / f"{load_target(target).family}.yaml"
 
 
-def read_schedule(path: Path | str) -> dict[str, Any]:
-    """Parse and check a schedules file (paths + optional routing); ScheduleError names what is wrong."""
+def read_yaml(path: Path | str, what: str, error: type[Exception]) -> Any:
+    """The contents of a YAML file of configs; `error` says, on one line, which `what` file cannot be read."""
     import yaml
 
-    path = Path(path)
     try:
-        data = yaml.safe_load(path.read_text())
+        return yaml.safe_load(Path(path).read_text())
     except OSError as e:
-        raise ScheduleError(f"schedules file {path}: cannot read ({e.strerror})") from None
+        raise error(f"{what} {path}: cannot read ({e.strerror})") from None
     except yaml.YAMLError as e:
-        raise ScheduleError(f"schedules file {path}: not valid YAML ({' '.join(str(e).split())})") from None
+        raise error(f"{what} {path}: not valid YAML ({' '.join(str(e).split())})") from None
+
+
+def read_schedule(path: Path | str) -> dict[str, Any]:
+    """Parse and check a schedules file (paths + optional routing); ScheduleError names what is wrong."""
+    path = Path(path)
+    data = read_yaml(path, "schedules file", ScheduleError)
     parse_paths(data, str(path))
     _check_routing(data, str(path))
     return data
