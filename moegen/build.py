@@ -103,10 +103,11 @@ def scheduled_module(spec: MoESpec, target: TargetInfo, schedule: dict | None = 
             funcs[f"dispatch_{name}"] = rule.dispatch(
                 kd.dispatch_func(spec.num_experts, spec.local_experts, spec.top_k, bm), f"dispatch_{name}")
         funcs[f"experts_up_{name}"] = rule.experts_up(
-            ke.experts_up_func(shapes, bm, cfg.block_n_up, cfg.gather_rows, cfg.grid_blocks, cfg.mma),
+            ke.experts_up_func(shapes, bm, cfg.block_n_up, cfg.gather_rows, cfg.grid_blocks, cfg.mma, cfg.vector_loads),
             f"experts_up_{name}", cfg)
         funcs[f"experts_down_{name}"] = rule.experts_down(
-            ke.experts_down_func(shapes, bm, cfg.block_n_down, cfg.grid_blocks, cfg.mma), f"experts_down_{name}", cfg)
+            ke.experts_down_func(shapes, bm, cfg.block_n_down, cfg.grid_blocks, cfg.mma, cfg.vector_loads),
+            f"experts_down_{name}", cfg)
         funcs[f"combine_{name}"] = rule.combine(ke.combine_func(shapes, bm), f"combine_{name}", cfg)
     mod = tvm.IRModule({name: sch.mod[name] for name, sch in funcs.items()})
     return mod, paths
@@ -184,7 +185,9 @@ def describe_functions(mod) -> dict:
     for gv, func in mod.functions.items():
         args = []
         for p in func.params:  # TVM 0.27: parameters are buffer-typed vars
-            args.append({"name": p.name, "shape": [str(s) for s in p.shape], "dtype": str(p.dtype)})
+            # constant extents as plain numbers whatever their integer type (some kernels use int64)
+            shape = [str(int(s)) if hasattr(s, "value") else str(s) for s in p.shape]
+            args.append({"name": p.name, "shape": shape, "dtype": str(p.dtype)})
         out[gv.name_hint] = args
     return out
 

@@ -135,3 +135,16 @@ def test_tensor_intrinsics_tensorize_a_plain_matmul():
         assert "ptx_legacy.mma" in sch.mod.script() or "ptx_mma" in sch.mod.script()
     with pytest.raises(ValueError, match="float16 | bfloat16"):
         tensor_intrin.names("float32")
+
+
+def test_decode_path_loads_weights_16_bytes_at_a_time(artifact):
+    """The shipped cuda-sm90 decode path (vector_loads): every thread of both expert kernels loads a
+    16-byte vector of weight columns per k step; its blocks past num_blocks exit first too."""
+    root = artifact("tiny", "cuda-sm90")
+    decode = read_manifest(root)["paths"][0]
+    assert decode["config"]["vector_loads"] and decode["config"]["block_m"] == 1
+    src = (root / "moe.cu").read_text()
+    for fn, w in ((f"experts_up_{decode['name']}", "w13_ptr"), (f"experts_down_{decode['name']}", "w2_ptr")):
+        k = _kernel(src, fn)
+        assert f"*(uint4*)({w} + " in k, fn
+        assert k.index("num_blocks_ptr[0]") < k.index(f"*(uint4*)({w} + "), fn

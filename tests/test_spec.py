@@ -628,3 +628,24 @@ def test_mma_configs_are_checked_and_fall_back_where_tensor_cores_cannot_tile():
     assert "needs float16 or bfloat16" in config_ok(good, dataclasses.replace(sh, dtype="float32"))
     assert not fit_config(good, dataclasses.replace(sh, dtype="float32")).mma
     assert not fit_config(good, dataclasses.replace(sh, hidden=200, intermediate=72)).mma
+
+
+def test_vector_load_configs_are_checked_and_fitted():
+    """vector_loads (GPU decode) needs one row per block and split-K; thread counts stay <= 1024;
+    split_k shrinks to a divisor of both reductions, and widths that do not split into 16-byte
+    vectors fall back to scalar loads."""
+    import dataclasses
+
+    from moegen.kernels.experts import ExpertShapes
+    from moegen.schedule.config import ExpertsConfig, config_ok, fit_config
+
+    sh = ExpertShapes(dtype="bfloat16", local_experts=8, top_k=2, hidden=256, intermediate=128, activation="silu",
+                      swiglu_alpha=1.702, swiglu_limit=7.0, expert_bias=False, weight_on_input=False)
+    good = ExpertsConfig(block_m=1, block_n_up=128, block_n_down=128, combine_n=128, split_k=64, vector_loads=True)
+    assert config_ok(good, sh) is None and fit_config(good, sh).vector_loads
+    assert "needs block_m 1 and split_k > 1" in config_ok(dataclasses.replace(good, block_m=2), sh)
+    assert "<= 1024 threads" in config_ok(dataclasses.replace(good, split_k=128), sh)
+    odd = dataclasses.replace(sh, hidden=200, intermediate=72)  # gcd 8: split_k 64 -> 8
+    fitted = fit_config(good, odd)
+    assert fitted.split_k == 8 and config_ok(fitted, odd) is None
+    assert not fit_config(good, dataclasses.replace(sh, intermediate=26)).vector_loads  # N13 52: a 52-wide tile

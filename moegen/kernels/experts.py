@@ -74,7 +74,7 @@ def _extent(n: int, wide: bool):
 
 
 def experts_up_func(s: ExpertShapes, block_m: int, block_n: int, gather_rows: bool = True,
-                    grid_blocks: bool = False, stage_operands: bool = False):
+                    grid_blocks: bool = False, stage_operands: bool = False, int64_loops: bool = False):
     """PrimFunc `experts_up(x [T, Hp], topk_weights [T, K] f32, sorted_ids [MP] i32, block_expert [MB] i32,
     num_blocks [1] i32, w13p [El, NT13, Hp, BN], b13p [El, NT13, BN], act [MP, I])`.
 
@@ -86,7 +86,10 @@ def experts_up_func(s: ExpertShapes, block_m: int, block_n: int, gather_rows: bo
     stage_operands: both GEMM operands through stages in the input dtype, indexed affinely by (block,
     tile): "gather" (rows, as gather_rows but not widened) and "load_w" (the block's expert's weight
     tile, ws[b, t] = w13[block_expert[b], t]). The GEMM is then a plain matmul of two staged buffers
-    that a tensor-core schedule can place in shared memory and tensorize."""
+    that a tensor-core schedule can place in shared memory and tensorize.
+    int64_loops: loops and shapes in int64 like the token count (implied by stage_operands), and the
+    fp32 sums per tile (gu[t, row, c]): TVM's region analysis cannot see through int32 -> int64 casts or
+    solve one index for two loop variables, and compute_at / rfactor need it."""
     u_dt, u_El, u_K, u_H, u_I = s.dtype, s.local_experts, s.top_k, s.hidden, s.intermediate
     u_BM, u_BN = block_m, block_n
     u_gated, u_woi, u_bias = s.gated, s.weight_on_input, s.expert_bias
@@ -94,6 +97,10 @@ def experts_up_func(s: ExpertShapes, block_m: int, block_n: int, gather_rows: bo
     u_NT = s.n13 // u_BN
     u_act, u_alpha, u_limit = s.activation, s.swiglu_alpha, s.swiglu_limit
     u_gather = gather_rows or stage_operands
+    u_one_row = block_m == 1  # row b of the sorted order, without a unit-loop term region analysis trips on
+    # the fp32 sums gu[t, row, c] per tile t when int64_loops, else gu[0, row, t * BN + c]
+    u_acc_tile, u_acc_stride = (1, 0) if int64_loops else (0, u_BN)
+    u_acc_nt, u_acc_w = (u_NT, u_BN) if int64_loops else (1, u_NT * u_BN)
     u_xs_dt = u_dt if stage_operands else "float32"  # tensor cores take the input dtype
     # staged per (tile, block) for tensor cores: a stage pipeline, each thread block its own copy
     u_xs_nt = u_NT if stage_operands else 1
@@ -101,8 +108,9 @@ def experts_up_func(s: ExpertShapes, block_m: int, block_n: int, gather_rows: bo
     u_copy_rows = stage_operands and not u_woi  # a plain row copy (asynchronous copies need one)
     # extents and shapes: int64 like the symbolic token count when staged (TVM's region analysis cannot see
     # through int32 -> int64 casts in the indices, and compute_at needs it)
-    u_NT, u_BM, u_BN, u_H, u_I, u_half, u_El, u_K, u_xs_nt = (
-        _extent(n, stage_operands) for n in (u_NT, u_BM, u_BN, u_H, u_I, u_half, u_El, u_K, u_xs_nt))
+    u_NT, u_BM, u_BN, u_H, u_I, u_half, u_El, u_K, u_xs_nt, u_acc_nt, u_acc_w, u_acc_stride = (
+        _extent(n, stage_operands or int64_loops)
+        for n in (u_NT, u_BM, u_BN, u_H, u_I, u_half, u_El, u_K, u_xs_nt, u_acc_nt, u_acc_w, u_acc_stride))
     tok = token_var()
     n_slots = tok * u_K
     n_blocks = (n_slots + (u_BM - 1)) // u_BM + u_El
@@ -119,7 +127,7 @@ def experts_up_func(s: ExpertShapes, block_m: int, block_n: int, gather_rows: bo
         w13 = T.match_buffer(w_h, (u_El, u_NT, u_H, u_BN), u_dt)
         b13 = T.match_buffer(b_h, (u_El, u_NT, u_BN), u_dt)
         act = T.match_buffer(act_h, (n_blocks * u_BM, u_I), u_dt)
-        gu = T.sblock_alloc_buffer((n_blocks * u_BM, u_NT * u_BN), "float32")
+        gu = T.sblock_alloc_buffer((u_acc_nt, n_blocks * u_BM, u_acc_w), "float32")
         xs = T.sblock_alloc_buffer((u_xs_nt, n_blocks * u_BM, u_H), u_xs_dt)
         ws = T.sblock_alloc_buffer((n_blocks, u_NT, u_H, u_BN), u_dt)
         for nt in range(u_NT):
@@ -142,11 +150,11 @@ def experts_up_func(s: ExpertShapes, block_m: int, block_n: int, gather_rows: bo
                             vt = T.axis.spatial(u_NT, nt)
                             vb = T.axis.spatial(n_blocks, b)
                             vm, vh = T.axis.remap("SS", [m, h])
-                            T.reads(x[0:tok, vh], sorted_ids[vb * u_BM + vm], topk_weights[0:tok, 0:u_K])
-                            T.writes(xs[vt * u_xs_per_tile, vb * u_BM + vm, vh])
-                            xs[vt * u_xs_per_tile, vb * u_BM + vm, vh] = x[T.min(T.Cast("int64", sorted_ids[vb * u_BM + vm]), n_slots - 1) // u_K, vh] if u_copy_rows else T.Cast(u_xs_dt, T.Cast("float32", x[T.min(T.Cast("int64", sorted_ids[vb * u_BM + vm]), n_slots - 1) // u_K, vh]) * T.if_then_else(
-                                u_woi, topk_weights[T.min(T.Cast("int64", sorted_ids[vb * u_BM + vm]), n_slots - 1) // u_K,
-                                                    T.min(T.Cast("int64", sorted_ids[vb * u_BM + vm]), n_slots - 1) % u_K], T.float32(1)))
+                            T.reads(x[0:tok, vh], sorted_ids[(vb if u_one_row else vb * u_BM + vm)], topk_weights[0:tok, 0:u_K])
+                            T.writes(xs[vt * u_xs_per_tile, (vb if u_one_row else vb * u_BM + vm), vh])
+                            xs[vt * u_xs_per_tile, (vb if u_one_row else vb * u_BM + vm), vh] = x[T.min(T.Cast("int64", sorted_ids[(vb if u_one_row else vb * u_BM + vm)]), n_slots - 1) // u_K, vh] if u_copy_rows else T.Cast(u_xs_dt, T.Cast("float32", x[T.min(T.Cast("int64", sorted_ids[(vb if u_one_row else vb * u_BM + vm)]), n_slots - 1) // u_K, vh]) * T.if_then_else(
+                                u_woi, topk_weights[T.min(T.Cast("int64", sorted_ids[(vb if u_one_row else vb * u_BM + vm)]), n_slots - 1) // u_K,
+                                                    T.min(T.Cast("int64", sorted_ids[(vb if u_one_row else vb * u_BM + vm)]), n_slots - 1) % u_K], T.float32(1)))
                 for m, c, h in T.grid(u_BM, u_BN, u_H):
                     with T.sblock("gemm"):
                         if grid_blocks:
@@ -155,12 +163,12 @@ def experts_up_func(s: ExpertShapes, block_m: int, block_n: int, gather_rows: bo
                         vb = T.axis.spatial(n_blocks, b)
                         vm, vc, vh = T.axis.remap("SSR", [m, c, h])
                         with T.init():
-                            gu[vb * u_BM + vm, vt * u_BN + vc] = T.float32(0)
-                        gu[vb * u_BM + vm, vt * u_BN + vc] += (T.Cast("float32", xs[vt * u_xs_per_tile, vb * u_BM + vm, vh]) if u_gather else (
-                            T.Cast("float32", x[T.min(T.Cast("int64", sorted_ids[vb * u_BM + vm]), n_slots - 1) // u_K, vh])
+                            gu[vt * u_acc_tile, (vb if u_one_row else vb * u_BM + vm), vt * u_acc_stride + vc] = T.float32(0)
+                        gu[vt * u_acc_tile, (vb if u_one_row else vb * u_BM + vm), vt * u_acc_stride + vc] += (T.Cast("float32", xs[vt * u_xs_per_tile, (vb if u_one_row else vb * u_BM + vm), vh]) if u_gather else (
+                            T.Cast("float32", x[T.min(T.Cast("int64", sorted_ids[(vb if u_one_row else vb * u_BM + vm)]), n_slots - 1) // u_K, vh])
                             * T.if_then_else(
-                                u_woi, topk_weights[T.min(T.Cast("int64", sorted_ids[vb * u_BM + vm]), n_slots - 1) // u_K,
-                                                    T.min(T.Cast("int64", sorted_ids[vb * u_BM + vm]), n_slots - 1) % u_K],
+                                u_woi, topk_weights[T.min(T.Cast("int64", sorted_ids[(vb if u_one_row else vb * u_BM + vm)]), n_slots - 1) // u_K,
+                                                    T.min(T.Cast("int64", sorted_ids[(vb if u_one_row else vb * u_BM + vm)]), n_slots - 1) % u_K],
                                 T.float32(1)))) * T.Cast("float32", ws[vb, vt, vh, vc] if stage_operands else
                                                          w13[T.Cast("int64", block_expert[vb]), vt, vh, vc])
                 for m, c in T.grid(u_BM, u_half):
@@ -171,17 +179,17 @@ def experts_up_func(s: ExpertShapes, block_m: int, block_n: int, gather_rows: bo
                         vb = T.axis.spatial(n_blocks, b)
                         vm, vc = T.axis.remap("SS", [m, c])
                         if u_gated:
-                            act[vb * u_BM + vm, vt * u_half + vc] = T.Cast(u_dt, _act(
+                            act[(vb if u_one_row else vb * u_BM + vm), vt * u_half + vc] = T.Cast(u_dt, _act(
                                 u_act,
-                                gu[vb * u_BM + vm, vt * u_BN + vc]
+                                gu[vt * u_acc_tile, (vb if u_one_row else vb * u_BM + vm), vt * u_acc_stride + vc]
                                 + T.if_then_else(u_bias, T.Cast("float32", b13[T.Cast("int64", block_expert[vb]), vt, vc]), T.float32(0)),
-                                gu[vb * u_BM + vm, vt * u_BN + u_half + vc]
+                                gu[vt * u_acc_tile, (vb if u_one_row else vb * u_BM + vm), vt * u_acc_stride + u_half + vc]
                                 + T.if_then_else(u_bias, T.Cast("float32", b13[T.Cast("int64", block_expert[vb]), vt, u_half + vc]), T.float32(0)),
                                 u_alpha, u_limit))
                         else:
-                            act[vb * u_BM + vm, vt * u_half + vc] = T.Cast(u_dt, _act(
+                            act[(vb if u_one_row else vb * u_BM + vm), vt * u_half + vc] = T.Cast(u_dt, _act(
                                 u_act,
-                                gu[vb * u_BM + vm, vt * u_BN + vc]
+                                gu[vt * u_acc_tile, (vb if u_one_row else vb * u_BM + vm), vt * u_acc_stride + vc]
                                 + T.if_then_else(u_bias, T.Cast("float32", b13[T.Cast("int64", block_expert[vb]), vt, vc]), T.float32(0)),
                                 None, u_alpha, u_limit))
 
@@ -189,17 +197,21 @@ def experts_up_func(s: ExpertShapes, block_m: int, block_n: int, gather_rows: bo
 
 
 def experts_down_func(s: ExpertShapes, block_m: int, block_n: int, grid_blocks: bool = False,
-                      stage_operands: bool = False):
+                      stage_operands: bool = False, int64_loops: bool = False):
     """PrimFunc `experts_down(act [MP, I], topk_weights [T, K] f32, sorted_ids [MP] i32, block_expert [MB] i32,
     num_blocks [1] i32, w2p [El, NT2, I, BN], b2p [El, NT2, BN], y [MP, Hp] f32)`: weighted rows, sorted order.
-    grid_blocks, stage_operands: as experts_up_func (act rows are already in block order: only the
-    weight tile is staged)."""
+    grid_blocks, stage_operands, int64_loops: as experts_up_func (act rows are already in block order:
+    only the weight tile is staged; ysum is laid out as experts_up_func's gu)."""
     d_dt, d_El, d_K, d_H, d_I = s.dtype, s.local_experts, s.top_k, s.hidden, s.intermediate
     d_BM, d_BN = block_m, block_n
     d_NT = d_H // d_BN
     d_woi, d_bias = s.weight_on_input, s.expert_bias
-    d_NT, d_BM, d_BN, d_H, d_I, d_El, d_K = (
-        _extent(n, stage_operands) for n in (d_NT, d_BM, d_BN, d_H, d_I, d_El, d_K))
+    d_one_row = block_m == 1  # as experts_up_func
+    d_acc_tile, d_acc_stride = (1, 0) if int64_loops else (0, d_BN)
+    d_acc_nt, d_acc_w = (d_NT, d_BN) if int64_loops else (1, d_H)
+    d_NT, d_BM, d_BN, d_H, d_I, d_El, d_K, d_acc_nt, d_acc_w, d_acc_stride = (
+        _extent(n, stage_operands or int64_loops)
+        for n in (d_NT, d_BM, d_BN, d_H, d_I, d_El, d_K, d_acc_nt, d_acc_w, d_acc_stride))
     tok = token_var()
     n_slots = tok * d_K
     n_blocks = (n_slots + (d_BM - 1)) // d_BM + d_El
@@ -216,7 +228,7 @@ def experts_down_func(s: ExpertShapes, block_m: int, block_n: int, grid_blocks: 
         w2 = T.match_buffer(w_h, (d_El, d_NT, d_I, d_BN), d_dt)
         b2 = T.match_buffer(b_h, (d_El, d_NT, d_BN), d_dt)
         y = T.match_buffer(y_h, (n_blocks * d_BM, d_H), "float32")
-        ysum = T.sblock_alloc_buffer((n_blocks * d_BM, d_H), "float32")
+        ysum = T.sblock_alloc_buffer((d_acc_nt, n_blocks * d_BM, d_acc_w), "float32")
         ws = T.sblock_alloc_buffer((n_blocks, d_NT, d_I, d_BN), d_dt)
         for nt in range(d_NT):
             for b in range(n_blocks if grid_blocks else T.Cast("int64", num_blocks[0])):
@@ -237,9 +249,9 @@ def experts_down_func(s: ExpertShapes, block_m: int, block_n: int, grid_blocks: 
                         vb = T.axis.spatial(n_blocks, b)
                         vm, vc, vi = T.axis.remap("SSR", [m, c, i])
                         with T.init():
-                            ysum[vb * d_BM + vm, vt * d_BN + vc] = T.float32(0)
-                        ysum[vb * d_BM + vm, vt * d_BN + vc] += (
-                            T.Cast("float32", act[vb * d_BM + vm, vi])
+                            ysum[vt * d_acc_tile, (vb if d_one_row else vb * d_BM + vm), vt * d_acc_stride + vc] = T.float32(0)
+                        ysum[vt * d_acc_tile, (vb if d_one_row else vb * d_BM + vm), vt * d_acc_stride + vc] += (
+                            T.Cast("float32", act[(vb if d_one_row else vb * d_BM + vm), vi])
                             * T.Cast("float32", ws[vb, vt, vi, vc] if stage_operands else
                                      w2[T.Cast("int64", block_expert[vb]), vt, vi, vc]))
                 for m, c in T.grid(d_BM, d_BN):
@@ -249,13 +261,13 @@ def experts_down_func(s: ExpertShapes, block_m: int, block_n: int, grid_blocks: 
                         vt = T.axis.spatial(d_NT, nt)
                         vb = T.axis.spatial(n_blocks, b)
                         vm, vc = T.axis.remap("SS", [m, c])
-                        y[vb * d_BM + vm, vt * d_BN + vc] = (
-                            ysum[vb * d_BM + vm, vt * d_BN + vc]
+                        y[(vb if d_one_row else vb * d_BM + vm), vt * d_BN + vc] = (
+                            ysum[vt * d_acc_tile, (vb if d_one_row else vb * d_BM + vm), vt * d_acc_stride + vc]
                             + T.if_then_else(d_bias, T.Cast("float32", b2[T.Cast("int64", block_expert[vb]), vt, vc]), T.float32(0))
                         ) * T.if_then_else(
                             d_woi, T.float32(1),
-                            topk_weights[T.min(T.Cast("int64", sorted_ids[vb * d_BM + vm]), n_slots - 1) // d_K,
-                                         T.min(T.Cast("int64", sorted_ids[vb * d_BM + vm]), n_slots - 1) % d_K])
+                            topk_weights[T.min(T.Cast("int64", sorted_ids[(vb if d_one_row else vb * d_BM + vm)]), n_slots - 1) // d_K,
+                                         T.min(T.Cast("int64", sorted_ids[(vb if d_one_row else vb * d_BM + vm)]), n_slots - 1) % d_K])
 
     return experts_down
 

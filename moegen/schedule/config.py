@@ -6,6 +6,7 @@ Shape legend: T tokens, K top-k, Hp padded hidden, I intermediate per rank, N13 
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -32,6 +33,9 @@ class ExpertsConfig:
     warp_m: int = 16
     warp_n: int = 32
     stages: int = 1  # mma: shared-memory buffers of the operands (> 1: cp.async software pipeline)
+    # GPU decode (block_m 1, split_k > 1): each thread loads 16 bytes of weight columns per k step,
+    # (BN / vector) x split_k threads per block
+    vector_loads: bool = False
 
 
 @dataclass(frozen=True)
@@ -59,6 +63,8 @@ def config_ok(cfg: ExpertsConfig, shapes: ExpertShapes) -> str | None:
         return f"combine_n {cfg.combine_n} does not divide Hp {shapes.hidden}"
     if cfg.mma:
         return _mma_ok(cfg, shapes)
+    if cfg.vector_loads:
+        return _vector_ok(cfg, shapes)
     return None
 
 
@@ -91,6 +97,19 @@ def _mma_ok(cfg: ExpertsConfig, shapes: ExpertShapes) -> str | None:
     return None
 
 
+VECTOR_BYTES = 16  # one 128-bit load per thread
+
+
+def _vector_ok(cfg: ExpertsConfig, shapes: ExpertShapes) -> str | None:
+    vec = VECTOR_BYTES // (4 if shapes.dtype == "float32" else 2)
+    if cfg.block_m != 1 or cfg.split_k < 2:
+        return f"vector_loads needs block_m 1 and split_k > 1, not block_m {cfg.block_m} split_k {cfg.split_k}"
+    for field, n in (("block_n_up", cfg.block_n_up), ("block_n_down", cfg.block_n_down)):
+        if n % vec or (n // vec) * cfg.split_k > 1024:
+            return f"vector_loads: {field} {n} must be a multiple of {vec}, with ({n} / {vec}) * split_k <= 1024 threads"
+    return None
+
+
 def _fit(n: int, want: int, step: int = 1) -> int:
     """Largest multiple of `step` <= want that divides n (at least `step`)."""
     for d in range(want - want % step, step - 1, -step):
@@ -108,8 +127,12 @@ def fit_config(cfg: ExpertsConfig, shapes: ExpertShapes) -> ExpertsConfig:
         block_n_down=_fit(shapes.hidden, cfg.block_n_down),
         combine_n=_fit(shapes.hidden, cfg.combine_n),
     )
+    if fitted.vector_loads:  # a parallelism knob there (up to 64): shrink to a divisor of both reductions
+        fitted = dataclasses.replace(fitted, split_k=_fit(math.gcd(shapes.hidden, shapes.intermediate), cfg.split_k))
     if shapes.gated and (shapes.n13 // 2) % (fitted.block_n_up // 2):
         fitted = dataclasses.replace(fitted, block_n_up=2 * _fit(shapes.intermediate, cfg.block_n_up // 2))
+    if fitted.vector_loads and config_ok(fitted, shapes) is not None:
+        fitted = dataclasses.replace(fitted, vector_loads=False)  # widths that do not split into vectors
     if fitted.mma and config_ok(fitted, shapes) is not None:
         # widths or dtype tensor cores cannot tile (irregular test sizes, fp32): CUDA-core arithmetic
         fitted = dataclasses.replace(fitted, mma=False)

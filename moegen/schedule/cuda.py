@@ -1,5 +1,6 @@
 """CUDA schedule rules: warp routing, a one-block dispatch, expert GEMMs on CUDA cores (one row per
-block: split-K decode; a few rows: register tiles) or on tensor cores (config.mma: ldmatrix + mma.sync).
+block: split-K decode, with 16-byte weight loads when config.vector_loads; a few rows: register
+tiles) or on tensor cores (config.mma: ldmatrix + mma.sync).
 
 Shape legend: T tokens, K top-k, Hp padded hidden, I intermediate, BM x BN tile, NT weight tiles,
 BK reduction step, warp_m x warp_n the piece of a tile one warp computes.
@@ -11,6 +12,7 @@ from 256 tokens up, a decode path without the sort (docs/perf.md).
 
 from __future__ import annotations
 
+import tvm
 from tvm import s_tir
 
 from .config import ExpertsConfig
@@ -88,6 +90,9 @@ def experts_up(func, name: str, cfg: ExpertsConfig) -> s_tir.Schedule:
         warps, lanes = _mma_gemm(sch, name, cfg, cfg.block_n_up, _dtype(func), "gather", "xs")
         _epilogue_threads(sch, sch.get_sblock("act", func_name=name), warps, lanes)
         return _exit_past_blocks(sch, name)
+    if cfg.vector_loads:  # decode: 16-byte weight loads, split-K partials through shared memory
+        _split_k_vector_gemm(sch, name, cfg, cfg.block_n_up, _vector(func), "act")
+        return _exit_past_blocks(sch, name)
     act = sch.get_sblock("act", func_name=name)
     if cfg.split_k > 1:
         # the cross-thread reduction leaves each column's sum with one thread; the activation pairs
@@ -111,6 +116,9 @@ def experts_down(func, name: str, cfg: ExpertsConfig) -> s_tir.Schedule:
     if cfg.mma:
         warps, lanes = _mma_gemm(sch, name, cfg, cfg.block_n_down, _dtype(func), None, "act")
         _epilogue_threads(sch, sch.get_sblock("scale", func_name=name), warps, lanes)
+        return _exit_past_blocks(sch, name)
+    if cfg.vector_loads:
+        _split_k_vector_gemm(sch, name, cfg, cfg.block_n_down, _vector(func), "scale")
         return _exit_past_blocks(sch, name)
     _tile_gemm(sch, name, "gemm", "local", cfg.split_k)
     scale = sch.get_sblock("scale", func_name=name)
@@ -284,3 +292,62 @@ def _exit_past_blocks(sch: s_tir.Schedule, name: str) -> s_tir.Schedule:
         return stmt
 
     return _schedule(func.with_body(tvm_ffi.structural_map(func.body, (For, guard))), name)
+
+
+# ---- decode with 16-byte loads (cfg.vector_loads) -----------------------------------------------
+
+
+def _vector(func) -> int:
+    """Weight elements per 16-byte load in an expert kernel (from its weight tiles' dtype)."""
+    import tvm_ffi
+    from tvm.ir import TensorLoad
+
+    found = []
+
+    def note(load):
+        buf = getattr(load, "buffer", None) or load.source
+        if buf.name in ("w13", "w2"):
+            found.append(buf)
+        return load
+
+    tvm_ffi.structural_map(func.body, (TensorLoad, note))
+    return VECTOR_BYTES * 8 // tvm.runtime.DataType(str(found[0].dtype)).bits
+
+
+def _split_k_vector_gemm(sch: s_tir.Schedule, name: str, cfg: ExpertsConfig, block_n: int, vec: int,
+                         epilogue: str) -> None:
+    """Decode (one row per block): thread (ty, tx) sums a contiguous 1/split_k of the reduction for
+    `vec` adjacent columns, one 16-byte load per k step, so (BN / vec) x split_k threads keep 16 bytes
+    each in flight; the split_k partial rows meet in shared memory, where one thread per column adds
+    them up, and the epilogue reads the sums with the same threads. (Kernels built with int64_loops.)"""
+    g = sch.get_sblock("gemm", func_name=name)
+    nt, b, m, c, r = sch.get_loops(g)
+    ry, rr = sch.split(r, [cfg.split_k, None])
+    rf = sch.rfactor(ry, 0)  # partial[ry, .., c]: the sum over one thread's k range
+    sch.compute_at(rf, b)  # into the thread block of the final sum and the epilogue
+    sch.set_scope(rf, 0, "shared")
+    sch.bind(nt, "blockIdx.x")
+    sch.bind(b, "blockIdx.y")
+    ry_, c_, rr_ = sch.get_loops(rf)[2:]  # compute_at leaves: the k range, the columns, the k steps
+    cx_, cv_ = sch.split(c_, [None, vec])
+    sch.reorder(ry_, cx_, rr_, cv_)
+    sch.bind(ry_, "threadIdx.y")
+    sch.bind(cx_, "threadIdx.x")
+    acc = sch.cache_write(rf, 0, "local")  # the running sums stay in registers
+    sch.reverse_compute_at(acc, cx_)
+    sch.vectorize(cv_)  # before decompose_reduction (shared/TVM-NOTES.md)
+    init = sch.decompose_reduction(rf, rr_)
+    sch.unroll(sch.get_loops(init)[-1])  # a vectorized fp32 x 8 zero does not compile (TVM's CUDA codegen)
+    ty_n, tx_n = cfg.split_k, block_n // vec
+    *cols, ry2 = sch.get_loops(g)[2:]  # (the row: one), the columns, the k ranges
+    _, ty, tx = sch.split(sch.fuse(*cols), [None, ty_n, tx_n])  # threads past BN idle
+    sch.bind(ty, "threadIdx.y")
+    sch.bind(tx, "threadIdx.x")
+    sch.set_scope(g, 0, "shared")  # the column sums, for the epilogue's threads
+    total = sch.cache_write(g, 0, "local")
+    sch.reverse_compute_at(total, tx)
+    sch.decompose_reduction(g, ry2)
+    ep = sch.get_sblock(epilogue, func_name=name)
+    _, ety, etx = sch.split(sch.fuse(*sch.get_loops(ep)[2:]), [None, ty_n, tx_n])
+    sch.bind(ety, "threadIdx.y")
+    sch.bind(etx, "threadIdx.x")
