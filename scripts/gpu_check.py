@@ -77,12 +77,15 @@ for root in sorted(ART.glob("*/cuda-sm90")):
     results[name] = ok
     print(f"{name}: {'PASS' if ok else 'FAIL'} ({time.time() - t0:.1f} s)", flush=True)
 
-# CUDA graph capture: replay equals eager; load + first forward
-root = ART / "deepseek-v3-small/cuda-sm90"
+# CUDA graph capture: replay equals eager; load + first forward (on the first small artifact there is)
+root = next((r for r in (ART / n / "cuda-sm90" for n in ("deepseek-v3-small", "tiny")) if r.exists()), None)
+if root is None:
+    print(json.dumps(results))
+    raise SystemExit(0 if all(results.values()) else 1)
 spec = spec_from_dict(read_manifest(root)["spec"])
 w = random_weights(spec, 3)
 t0 = time.perf_counter(); r = MoERunner.load(root, w, device="cuda")
-x = torch.randn(33, spec.hidden_size, device="cuda").bfloat16(); lg = torch.randn(33, spec.num_experts, device="cuda")
+x = torch.randn(33, spec.hidden_size, device="cuda").to(getattr(torch, spec.dtype)); lg = torch.randn(33, spec.num_experts, device="cuda")
 out = r(x, lg); torch.cuda.synchronize()
 print(f"load + first forward {(time.perf_counter() - t0) * 1e3:.1f} ms", flush=True)
 s = torch.cuda.Stream(); s.wait_stream(torch.cuda.current_stream())
