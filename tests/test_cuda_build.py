@@ -148,3 +148,15 @@ def test_decode_path_loads_weights_16_bytes_at_a_time(artifact):
         k = _kernel(src, fn)
         assert f"*(uint4*)({w} + " in k, fn
         assert k.index("num_blocks_ptr[0]") < k.index(f"*(uint4*)({w} + "), fn
+
+
+def test_sharded_spec_builds_for_cuda(tmp_path):
+    """A TP-2 shard with narrow widths (I 32 per rank) builds every CUDA path: the vector decode fits
+    its split-K so each thread keeps at least two k steps (found by `make gpu-bundle`)."""
+    from pathlib import Path
+
+    from moegen.build import build
+
+    spec = load_spec(Path(__file__).resolve().parents[1] / "scripts/specs/ds-small-sp-tp2.yaml")
+    decode = read_manifest(build(spec, "cuda-sm90", tmp_path, golden=False))["paths"][0]["config"]
+    assert decode["vector_loads"] and decode["split_k"] == 16

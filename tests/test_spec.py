@@ -645,7 +645,9 @@ def test_vector_load_configs_are_checked_and_fitted():
     assert config_ok(good, sh) is None and fit_config(good, sh).vector_loads
     assert "needs block_m 1 and split_k > 1" in config_ok(dataclasses.replace(good, block_m=2), sh)
     assert "<= 1024 threads" in config_ok(dataclasses.replace(good, split_k=128), sh)
-    odd = dataclasses.replace(sh, hidden=200, intermediate=72)  # gcd 8: split_k 64 -> 8
+    odd = dataclasses.replace(sh, hidden=200, intermediate=72)  # gcd 8: split_k 64 -> 4 (two k steps each)
     fitted = fit_config(good, odd)
-    assert fitted.split_k == 8 and config_ok(fitted, odd) is None
+    assert fitted.split_k == 4 and config_ok(fitted, odd) is None
     assert not fit_config(good, dataclasses.replace(sh, intermediate=26)).vector_loads  # N13 52: a 52-wide tile
+    tp = dataclasses.replace(sh, hidden=160, intermediate=32)  # a TP-2 shard: every thread keeps >= 2 k steps
+    assert fit_config(good, tp).split_k == 16

@@ -127,8 +127,11 @@ def fit_config(cfg: ExpertsConfig, shapes: ExpertShapes) -> ExpertsConfig:
         block_n_down=_fit(shapes.hidden, cfg.block_n_down),
         combine_n=_fit(shapes.hidden, cfg.combine_n),
     )
-    if fitted.vector_loads:  # a parallelism knob there (up to 64): shrink to a divisor of both reductions
-        fitted = dataclasses.replace(fitted, split_k=_fit(math.gcd(shapes.hidden, shapes.intermediate), cfg.split_k))
+    if fitted.vector_loads:
+        # a parallelism knob there (up to 64): a divisor of both reductions that leaves every thread at
+        # least two k steps (a unit loop would vanish from the schedule)
+        g = math.gcd(shapes.hidden, shapes.intermediate)
+        fitted = dataclasses.replace(fitted, split_k=_fit(g, max(1, min(cfg.split_k, g // 2))))
     if shapes.gated and (shapes.n13 // 2) % (fitted.block_n_up // 2):
         fitted = dataclasses.replace(fitted, block_n_up=2 * _fit(shapes.intermediate, cfg.block_n_up // 2))
     if fitted.vector_loads and config_ok(fitted, shapes) is not None:
