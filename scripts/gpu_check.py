@@ -6,7 +6,7 @@
 MOEGEN_GPU_ARTIFACTS (default gpu-bundle/artifacts) names the artifacts; MOEGEN_GPU_ONLY a comma list
 of artifact names to restrict step 1.
 """
-import json, os, time
+import json, math, os, time
 from pathlib import Path
 
 import torch
@@ -27,13 +27,8 @@ print(torch.cuda.get_device_name(), torch.__version__, flush=True)
 
 def weight_bytes(spec) -> int:
     from moegen.spec import weights_contract
-    n = 0
-    for shape, dt in weights_contract(spec).values():
-        k = 1
-        for s in shape:
-            k *= s
-        n += k * torch.finfo(getattr(torch, dt)).bits // 8
-    return n
+    return sum(math.prod(shape) * torch.finfo(getattr(torch, dt)).bits // 8
+               for shape, dt in weights_contract(spec).values())
 
 
 def verify_on_gpu(root: Path, spec, tokens) -> bool:

@@ -174,9 +174,25 @@ def _coop_fetch(sch: s_tir.Schedule, block, warps: int, lanes: int, vec: int) ->
 VECTOR_BYTES = 16  # one 128-bit load or store per thread when filling shared memory
 
 
+def _loaded_buffer(func, names: tuple[str, ...]):
+    """The first buffer named in `names` that `func` loads from (its arguments: num_blocks, w13 | w2)."""
+    import tvm_ffi
+    from tvm.ir import TensorLoad
+
+    found = []
+
+    def note(load):
+        if _region_buffer(load).name in names:
+            found.append(_region_buffer(load))
+        return load
+
+    tvm_ffi.structural_map(func.body, (TensorLoad, note))
+    return found[0]
+
+
 def _dtype(func) -> str:
-    """The weight dtype of an expert kernel built with stage_operands (its staged weight tile "ws")."""
-    return next(str(b.dtype) for b in func.body.block.alloc_buffers if b.name == "ws")
+    """The weight dtype of an expert kernel."""
+    return str(_loaded_buffer(func, ("w13", "w2")).dtype)
 
 
 def _mma_gemm(sch: s_tir.Schedule, name: str, cfg: ExpertsConfig, block_n: int, dtype: str,
@@ -257,7 +273,7 @@ def _epilogue_threads(sch: s_tir.Schedule, block, warps: int, lanes: int) -> Non
 
 
 def _region_buffer(region):
-    """The buffer a block's read/write region names (TVM 0.27: TensorRegion.source)."""
+    """The buffer a block's read/write region or a load names (TVM 0.27: .source)."""
     return getattr(region, "buffer", None) or region.source
 
 
@@ -266,21 +282,11 @@ def _exit_past_blocks(sch: s_tir.Schedule, name: str) -> s_tir.Schedule:
     memory: their block_expert is -1. The kernels' `b < num_blocks` predicates do not survive
     compute_at and blockize onto the staged loads, so the guard goes around the whole block body."""
     import tvm_ffi
-    from tvm.ir import TensorLoad
     from tvm.tirx import BufferLoad, Cast, For, IfThenElse
     from tvm.tirx.op import tvm_thread_invariant
 
     func = sch.mod[name]
-    found = []
-
-    def note(load):
-        buf = getattr(load, "buffer", None) or load.source
-        if buf.name == "num_blocks":
-            found.append(buf)
-        return load
-
-    tvm_ffi.structural_map(func.body, (TensorLoad, note))
-    num_blocks = found[0]
+    num_blocks = _loaded_buffer(func, ("num_blocks",))
 
     def guard(stmt):
         if isinstance(stmt, For) and stmt.thread_binding is not None and stmt.thread_binding.thread_tag == "blockIdx.y":
@@ -298,20 +304,8 @@ def _exit_past_blocks(sch: s_tir.Schedule, name: str) -> s_tir.Schedule:
 
 
 def _vector(func) -> int:
-    """Weight elements per 16-byte load in an expert kernel (from its weight tiles' dtype)."""
-    import tvm_ffi
-    from tvm.ir import TensorLoad
-
-    found = []
-
-    def note(load):
-        buf = getattr(load, "buffer", None) or load.source
-        if buf.name in ("w13", "w2"):
-            found.append(buf)
-        return load
-
-    tvm_ffi.structural_map(func.body, (TensorLoad, note))
-    return VECTOR_BYTES * 8 // tvm.runtime.DataType(str(found[0].dtype)).bits
+    """Weight elements per 16-byte load in an expert kernel."""
+    return VECTOR_BYTES * 8 // tvm.runtime.DataType(_dtype(func)).bits
 
 
 def _split_k_vector_gemm(sch: s_tir.Schedule, name: str, cfg: ExpertsConfig, block_n: int, vec: int,
