@@ -84,11 +84,15 @@ def scheduled_module(spec: MoESpec, target: TargetInfo, schedule: dict | None = 
         path, schedule, _ = schedule_source(target)
         source = str(path)
     warps = load_routing_config(target.name, schedule).get("warps_per_block", 0)
-    if warps and not spec.router.grouped:  # GPUs: a warp per token (kernels/routing.py)
-        funcs = {"routing": rule.routing_warps(
-            kr.routing_warp_func(spec.num_experts, spec.top_k, spec.router, warps), "routing")}
-    else:
-        funcs = {"routing": rule.routing(kr.routing_func(spec.num_experts, spec.top_k, spec.router), "routing")}
+
+    def routing(name: str, dispatch: bool = False):
+        """routing, or with dispatch the route_dispatch of a path without the sort"""
+        if warps and not spec.router.grouped:  # GPUs: a warp per token (kernels/routing.py)
+            return rule.routing_warps(kr.routing_warp_func(
+                spec.num_experts, spec.top_k, spec.router, warps, dispatch), name)
+        return rule.routing(kr.routing_func(spec.num_experts, spec.top_k, spec.router, dispatch), name)
+
+    funcs = {"routing": routing("routing")}
     configs = load_paths(target.name, schedule)
     check_schedule(configs, shapes, source)
     paths = path_records(configs, shapes)
@@ -96,19 +100,23 @@ def scheduled_module(spec: MoESpec, target: TargetInfo, schedule: dict | None = 
         cfg = ExpertsConfig(**p["config"])
         bm = cfg.block_m
         name = p["name"]
-        if cfg.dispatch_threads:  # GPUs: one thread block, a thread per expert (kernels/dispatch.py)
+        if not cfg.sort:  # routing writes the dispatch buffers: no dispatch kernel
+            funcs[f"route_dispatch_{name}"] = routing(f"route_dispatch_{name}", dispatch=True)
+        elif cfg.dispatch_threads:  # GPUs: one thread block, a thread per expert (kernels/dispatch.py)
             funcs[f"dispatch_{name}"] = rule.dispatch_threads(kd.dispatch_threads_func(
                 spec.num_experts, spec.local_experts, spec.top_k, bm, cfg.dispatch_threads), f"dispatch_{name}")
         else:
             funcs[f"dispatch_{name}"] = rule.dispatch(
                 kd.dispatch_func(spec.num_experts, spec.local_experts, spec.top_k, bm), f"dispatch_{name}")
         funcs[f"experts_up_{name}"] = rule.experts_up(
-            ke.experts_up_func(shapes, bm, cfg.block_n_up, cfg.gather_rows, cfg.grid_blocks, cfg.mma, cfg.vector_loads),
+            ke.experts_up_func(shapes, bm, cfg.block_n_up, cfg.gather_rows, cfg.grid_blocks, cfg.mma, cfg.vector_loads,
+                               not cfg.sort),
             f"experts_up_{name}", cfg)
         funcs[f"experts_down_{name}"] = rule.experts_down(
-            ke.experts_down_func(shapes, bm, cfg.block_n_down, cfg.grid_blocks, cfg.mma, cfg.vector_loads),
+            ke.experts_down_func(shapes, bm, cfg.block_n_down, cfg.grid_blocks, cfg.mma, cfg.vector_loads,
+                                 not cfg.sort),
             f"experts_down_{name}", cfg)
-        funcs[f"combine_{name}"] = rule.combine(ke.combine_func(shapes, bm), f"combine_{name}", cfg)
+        funcs[f"combine_{name}"] = rule.combine(ke.combine_func(shapes, bm, not cfg.sort), f"combine_{name}", cfg)
     mod = tvm.IRModule({name: sch.mod[name] for name, sch in funcs.items()})
     return mod, paths
 

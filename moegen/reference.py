@@ -46,8 +46,11 @@ def route_ref(logits: torch.Tensor, router: RouterSpec, top_k: int,
 # ---- dispatch --------------------------------------------------------------------------------
 
 
-def max_blocks(num_tokens: int, top_k: int, local_experts: int, block_m: int) -> int:
-    """MB: the most blocks the sorted order can need (each expert wastes at most one partial block)."""
+def max_blocks(num_tokens: int, top_k: int, local_experts: int, block_m: int, sort: bool = True) -> int:
+    """MB: the most blocks the sorted order can need (each expert wastes at most one partial block);
+    without the sort, one block per slot."""
+    if not sort:
+        return num_tokens * top_k
     return -(-num_tokens * top_k // block_m) + local_experts
 
 
@@ -83,6 +86,18 @@ def dispatch_ref(topk_ids: torch.Tensor, expert_map: torch.Tensor, local_experts
     num_blocks = (offsets[-1:] // block_m).to(torch.int32)
     return dict(counts=counts.to(torch.int32), offsets=offsets, sorted_ids=sorted_ids,
                 block_expert=block_expert, num_blocks=num_blocks, slot_pos=slot_pos)
+
+
+def dispatch_unsorted_ref(topk_ids: torch.Tensor, expert_map: torch.Tensor) -> dict[str, torch.Tensor]:
+    """The dispatch of a path without the sort (one row per block; kernels/routing.py route_dispatch):
+    slot s = t*K + k is row s and block s. Returns sorted_ids [S] (s), block_expert [S] (the slot's
+    local expert, -1 when another EP rank owns it), num_blocks [1] (S), slot_pos [S] (s, or -1 likewise).
+    (MB = S blocks.)"""
+    S = topk_ids.numel()
+    local = expert_map.long()[topk_ids.reshape(-1).long()].to(torch.int32)
+    s = torch.arange(S, dtype=torch.int32)
+    return dict(sorted_ids=s, block_expert=local, num_blocks=torch.tensor([S], dtype=torch.int32),
+                slot_pos=torch.where(local >= 0, s, -1).to(torch.int32))
 
 
 # ---- experts ---------------------------------------------------------------------------------

@@ -3,7 +3,7 @@ Twins: `moegen.reference.experts_up_ref` and `experts_down_ref`.
 
 Shape legend: T tokens (symbolic), K top-k, S = T*K slots, El local experts, Hp padded hidden,
 I intermediate per rank, N13 = 2I (gated) or I (relu2), BM rows per block, MB blocks at most
-(ceil(S / BM) + El), MP = MB * BM sorted rows, BN columns per weight tile, NT tiles.
+(ceil(S / BM) + El; S without the sort), MP = MB * BM sorted rows, BN columns per weight tile, NT tiles.
 
 Weights arrive packed in column tiles (the runner packs once at load, see runtime/packing.py):
     w13p [El, NT13, Hp, BN]  tile t, column c: gated -> gate column t*BN/2 + c for c < BN/2, else up
@@ -68,13 +68,28 @@ def _act(kind: str, g, u, alpha: float, limit: float):
     raise ValueError(kind)
 
 
+def _max_blocks(n_slots, block_m, local_experts, unsorted: bool):
+    """MB, the blocks of the sorted order at most: each expert pads at most one partial block; without
+    the sort one block per slot (reference.max_blocks)."""
+    return n_slots if unsorted else (n_slots + (block_m - 1)) // block_m + local_experts
+
+
+def _expert(block_expert, vb, unsorted: bool):
+    """The local expert of block vb, as an int64 index. Without the sort a block below num_blocks can
+    belong to another EP rank (-1): clamped to expert 0, a harmless read whose rows no one combines
+    (CUDA schedules skip such blocks altogether, schedule.cuda._exit_past_blocks)."""
+    e = T.Cast("int64", block_expert[vb])
+    return T.max(e, T.int64(0)) if unsorted else e
+
+
 def _extent(n: int, wide: bool):
     """A loop extent: int64 when `wide`, else a Python int (int32 loops)."""
     return IntImm("int64", n) if wide else n
 
 
 def experts_up_func(s: ExpertShapes, block_m: int, block_n: int, gather_rows: bool = True,
-                    grid_blocks: bool = False, stage_operands: bool = False, int64_loops: bool = False):
+                    grid_blocks: bool = False, stage_operands: bool = False, int64_loops: bool = False,
+                    unsorted: bool = False):
     """PrimFunc `experts_up(x [T, Hp], topk_weights [T, K] f32, sorted_ids [MP] i32, block_expert [MB] i32,
     num_blocks [1] i32, w13p [El, NT13, Hp, BN], b13p [El, NT13, BN], act [MP, I])`.
 
@@ -89,7 +104,9 @@ def experts_up_func(s: ExpertShapes, block_m: int, block_n: int, gather_rows: bo
     that a tensor-core schedule can place in shared memory and tensorize.
     int64_loops: loops and shapes in int64 like the token count (implied by stage_operands), and the
     fp32 sums per tile (gu[t, row, c]): TVM's region analysis cannot see through int32 -> int64 casts or
-    solve one index for two loop variables, and compute_at / rfactor need it."""
+    solve one index for two loop variables, and compute_at / rfactor need it.
+    unsorted (one row per block): the dispatch of a path without the sort, where a block below
+    num_blocks can belong to another EP rank (block_expert -1): see _expert."""
     u_dt, u_El, u_K, u_H, u_I = s.dtype, s.local_experts, s.top_k, s.hidden, s.intermediate
     u_BM, u_BN = block_m, block_n
     u_gated, u_woi, u_bias = s.gated, s.weight_on_input, s.expert_bias
@@ -113,7 +130,7 @@ def experts_up_func(s: ExpertShapes, block_m: int, block_n: int, gather_rows: bo
         for n in (u_NT, u_BM, u_BN, u_H, u_I, u_half, u_El, u_K, u_xs_nt, u_acc_nt, u_acc_w, u_acc_stride))
     tok = token_var()
     n_slots = tok * u_K
-    n_blocks = (n_slots + (u_BM - 1)) // u_BM + u_El
+    n_blocks = _max_blocks(n_slots, u_BM, u_El, unsorted)
 
     @T.prim_func(s_tir=True)
     def experts_up(x_h: T.handle, tw_h: T.handle, sorted_h: T.handle, bexp_h: T.handle,
@@ -140,7 +157,7 @@ def experts_up_func(s: ExpertShapes, block_m: int, block_n: int, gather_rows: bo
                             vt = T.axis.spatial(u_NT, nt)
                             vb = T.axis.spatial(n_blocks, b)
                             vh, vc = T.axis.remap("SS", [h, c])
-                            ws[vb, vt, vh, vc] = w13[T.Cast("int64", block_expert[vb]), vt, vh, vc]
+                            ws[vb, vt, vh, vc] = w13[_expert(block_expert, vb, unsorted), vt, vh, vc]
                 if u_gather:
                     # the block's input rows, gathered and in fp32 (scaled by the routing weight on input)
                     for m, h in T.grid(u_BM, u_H):
@@ -170,7 +187,7 @@ def experts_up_func(s: ExpertShapes, block_m: int, block_n: int, gather_rows: bo
                                 u_woi, topk_weights[T.min(T.Cast("int64", sorted_ids[(vb if u_one_row else vb * u_BM + vm)]), n_slots - 1) // u_K,
                                                     T.min(T.Cast("int64", sorted_ids[(vb if u_one_row else vb * u_BM + vm)]), n_slots - 1) % u_K],
                                 T.float32(1)))) * T.Cast("float32", ws[vb, vt, vh, vc] if stage_operands else
-                                                         w13[T.Cast("int64", block_expert[vb]), vt, vh, vc])
+                                                         w13[_expert(block_expert, vb, unsorted), vt, vh, vc])
                 for m, c in T.grid(u_BM, u_half):
                     with T.sblock("act"):
                         if grid_blocks:
@@ -182,25 +199,25 @@ def experts_up_func(s: ExpertShapes, block_m: int, block_n: int, gather_rows: bo
                             act[(vb if u_one_row else vb * u_BM + vm), vt * u_half + vc] = T.Cast(u_dt, _act(
                                 u_act,
                                 gu[vt * u_acc_tile, (vb if u_one_row else vb * u_BM + vm), vt * u_acc_stride + vc]
-                                + T.if_then_else(u_bias, T.Cast("float32", b13[T.Cast("int64", block_expert[vb]), vt, vc]), T.float32(0)),
+                                + T.if_then_else(u_bias, T.Cast("float32", b13[_expert(block_expert, vb, unsorted), vt, vc]), T.float32(0)),
                                 gu[vt * u_acc_tile, (vb if u_one_row else vb * u_BM + vm), vt * u_acc_stride + u_half + vc]
-                                + T.if_then_else(u_bias, T.Cast("float32", b13[T.Cast("int64", block_expert[vb]), vt, u_half + vc]), T.float32(0)),
+                                + T.if_then_else(u_bias, T.Cast("float32", b13[_expert(block_expert, vb, unsorted), vt, u_half + vc]), T.float32(0)),
                                 u_alpha, u_limit))
                         else:
                             act[(vb if u_one_row else vb * u_BM + vm), vt * u_half + vc] = T.Cast(u_dt, _act(
                                 u_act,
                                 gu[vt * u_acc_tile, (vb if u_one_row else vb * u_BM + vm), vt * u_acc_stride + vc]
-                                + T.if_then_else(u_bias, T.Cast("float32", b13[T.Cast("int64", block_expert[vb]), vt, vc]), T.float32(0)),
+                                + T.if_then_else(u_bias, T.Cast("float32", b13[_expert(block_expert, vb, unsorted), vt, vc]), T.float32(0)),
                                 None, u_alpha, u_limit))
 
     return experts_up
 
 
 def experts_down_func(s: ExpertShapes, block_m: int, block_n: int, grid_blocks: bool = False,
-                      stage_operands: bool = False, int64_loops: bool = False):
+                      stage_operands: bool = False, int64_loops: bool = False, unsorted: bool = False):
     """PrimFunc `experts_down(act [MP, I], topk_weights [T, K] f32, sorted_ids [MP] i32, block_expert [MB] i32,
     num_blocks [1] i32, w2p [El, NT2, I, BN], b2p [El, NT2, BN], y [MP, Hp] f32)`: weighted rows, sorted order.
-    grid_blocks, stage_operands, int64_loops: as experts_up_func (act rows are already in block order:
+    grid_blocks, stage_operands, int64_loops, unsorted: as experts_up_func (act rows are already in block order:
     only the weight tile is staged; ysum is laid out as experts_up_func's gu)."""
     d_dt, d_El, d_K, d_H, d_I = s.dtype, s.local_experts, s.top_k, s.hidden, s.intermediate
     d_BM, d_BN = block_m, block_n
@@ -214,7 +231,7 @@ def experts_down_func(s: ExpertShapes, block_m: int, block_n: int, grid_blocks: 
         for n in (d_NT, d_BM, d_BN, d_H, d_I, d_El, d_K, d_acc_nt, d_acc_w, d_acc_stride))
     tok = token_var()
     n_slots = tok * d_K
-    n_blocks = (n_slots + (d_BM - 1)) // d_BM + d_El
+    n_blocks = _max_blocks(n_slots, d_BM, d_El, unsorted)
 
     @T.prim_func(s_tir=True)
     def experts_down(act_h: T.handle, tw_h: T.handle, sorted_h: T.handle, bexp_h: T.handle, nblk_h: T.handle,
@@ -240,7 +257,7 @@ def experts_down_func(s: ExpertShapes, block_m: int, block_n: int, grid_blocks: 
                             vt = T.axis.spatial(d_NT, nt)
                             vb = T.axis.spatial(n_blocks, b)
                             vi, vc = T.axis.remap("SS", [i, c])
-                            ws[vb, vt, vi, vc] = w2[T.Cast("int64", block_expert[vb]), vt, vi, vc]
+                            ws[vb, vt, vi, vc] = w2[_expert(block_expert, vb, unsorted), vt, vi, vc]
                 for m, c, i in T.grid(d_BM, d_BN, d_I):
                     with T.sblock("gemm"):
                         if grid_blocks:
@@ -253,7 +270,7 @@ def experts_down_func(s: ExpertShapes, block_m: int, block_n: int, grid_blocks: 
                         ysum[vt * d_acc_tile, (vb if d_one_row else vb * d_BM + vm), vt * d_acc_stride + vc] += (
                             T.Cast("float32", act[(vb if d_one_row else vb * d_BM + vm), vi])
                             * T.Cast("float32", ws[vb, vt, vi, vc] if stage_operands else
-                                     w2[T.Cast("int64", block_expert[vb]), vt, vi, vc]))
+                                     w2[_expert(block_expert, vb, unsorted), vt, vi, vc]))
                 for m, c in T.grid(d_BM, d_BN):
                     with T.sblock("scale"):
                         if grid_blocks:
@@ -263,7 +280,7 @@ def experts_down_func(s: ExpertShapes, block_m: int, block_n: int, grid_blocks: 
                         vm, vc = T.axis.remap("SS", [m, c])
                         y[(vb if d_one_row else vb * d_BM + vm), vt * d_BN + vc] = (
                             ysum[vt * d_acc_tile, (vb if d_one_row else vb * d_BM + vm), vt * d_acc_stride + vc]
-                            + T.if_then_else(d_bias, T.Cast("float32", b2[T.Cast("int64", block_expert[vb]), vt, vc]), T.float32(0))
+                            + T.if_then_else(d_bias, T.Cast("float32", b2[_expert(block_expert, vb, unsorted), vt, vc]), T.float32(0))
                         ) * T.if_then_else(
                             d_woi, T.float32(1),
                             topk_weights[T.min(T.Cast("int64", sorted_ids[(vb if d_one_row else vb * d_BM + vm)]), n_slots - 1) // d_K,
@@ -272,14 +289,14 @@ def experts_down_func(s: ExpertShapes, block_m: int, block_n: int, grid_blocks: 
     return experts_down
 
 
-def combine_func(s: ExpertShapes, block_m: int):
+def combine_func(s: ExpertShapes, block_m: int, unsorted: bool = False):
     """PrimFunc `combine(y [MP, Hp] f32, slot_pos [T*K] i32, out [T, Hp])`: out[t] = sum over k of the
     row of slot t*K+k (0 for a slot another EP rank owns). A function of its own: every token needs
-    every block of the down GEMM done (a grid-wide dependency on a GPU)."""
+    every block of the down GEMM done (a grid-wide dependency on a GPU). unsorted: MP = S (_max_blocks)."""
     d_dt, d_El, d_K, d_H, d_BM = s.dtype, s.local_experts, s.top_k, s.hidden, block_m
     tok = token_var()
     n_slots = tok * d_K
-    n_blocks = (n_slots + (d_BM - 1)) // d_BM + d_El
+    n_blocks = _max_blocks(n_slots, d_BM, d_El, unsorted)
 
     @T.prim_func(s_tir=True)
     def combine(y_h: T.handle, pos_h: T.handle, out_h: T.handle):

@@ -18,13 +18,30 @@ from . import token_var
 
 NEG_INF = -3.0e38  # finite stand-in for -inf: masked choices stay comparable
 
+# A path without the sort (config `sort: false`, one row per block): slot s = t*K + k is row s of the
+# "sorted" order and block s, so routing writes the dispatch buffers itself and no dispatch kernel runs
+# (twin: moegen.reference.dispatch_unsorted_ref). Block s's expert is the slot's local expert, -1 when
+# another EP rank owns it (the expert kernels skip such blocks); slot_pos is s, or -1 likewise.
 
-def routing_func(num_experts: int, top_k: int, router: RouterSpec):
+
+@T.macro
+def _identity_dispatch(vt, k, K, tok, expert_map, topk_ids, sorted_ids, block_expert, num_blocks, slot_pos):
+    sorted_ids[vt * K + k] = T.Cast("int32", vt * K + k)
+    block_expert[vt * K + k] = expert_map[topk_ids[vt, k]]
+    slot_pos[vt * K + k] = T.if_then_else(expert_map[topk_ids[vt, k]] >= 0, T.Cast("int32", vt * K + k), -1)
+    if vt == 0 and k == 0:
+        num_blocks[0] = T.Cast("int32", tok * K)
+
+
+def routing_func(num_experts: int, top_k: int, router: RouterSpec, dispatch: bool = False):
     """PrimFunc `routing(logits [T, E] f32, bias [E] f32, topk_ids [T, K] i32, topk_weights [T, K] f32)`.
 
     `bias` is read only when router.correction_bias; it is always an argument so the ABI is fixed.
+    dispatch: build `route_dispatch` instead, the routing of a path without the sort, which also writes
+    that path's dispatch buffers (see _identity_dispatch).
     """
     r_E, r_K = num_experts, top_k
+    r_dispatch = dispatch
     r_softmax = router.scoring == "softmax"
     r_use_bias = router.correction_bias
     r_grouped = router.grouped
@@ -35,18 +52,18 @@ def routing_func(num_experts: int, top_k: int, router: RouterSpec):
     r_scale = float(router.routed_scaling_factor)
     tok = token_var()
 
-    @T.prim_func(s_tir=True)
-    def routing(logits_h: T.handle, bias_h: T.handle, ids_h: T.handle, weights_h: T.handle):
-        T.func_attr({"tir.noalias": True})
-        logits = T.match_buffer(logits_h, (tok, r_E), "float32")
-        bias = T.match_buffer(bias_h, (r_E,), "float32")
-        topk_ids = T.match_buffer(ids_h, (tok, r_K), "int32")
-        topk_weights = T.match_buffer(weights_h, (tok, r_K), "float32")
+    @T.macro
+    def route(logits, bias, topk_ids, topk_weights, expert_map, sorted_ids, block_expert, num_blocks, slot_pos):
         for t in range(tok):
             with T.sblock("route"):
                 vt = T.axis.spatial(tok, t)
-                T.reads(logits[vt, 0:r_E], bias[0:r_E])
-                T.writes(topk_ids[vt, 0:r_K], topk_weights[vt, 0:r_K])
+                if r_dispatch:
+                    T.reads(logits[vt, 0:r_E], bias[0:r_E], expert_map[0:r_E])
+                    T.writes(topk_ids[vt, 0:r_K], topk_weights[vt, 0:r_K], sorted_ids[vt * r_K:vt * r_K + r_K],
+                             block_expert[vt * r_K:vt * r_K + r_K], slot_pos[vt * r_K:vt * r_K + r_K], num_blocks[0])
+                else:
+                    T.reads(logits[vt, 0:r_E], bias[0:r_E])
+                    T.writes(topk_ids[vt, 0:r_K], topk_weights[vt, 0:r_K])
                 scores = T.sblock_alloc_buffer((r_E,), "float32", scope="local")
                 choice = T.sblock_alloc_buffer((r_E,), "float32", scope="local")
                 taken = T.sblock_alloc_buffer((r_E,), "int32", scope="local")
@@ -121,17 +138,34 @@ def routing_func(num_experts: int, top_k: int, router: RouterSpec):
                         topk_weights[vt, k] = topk_weights[vt, k] / acc[1] * T.float32(r_scale)
                     else:
                         topk_weights[vt, k] = topk_weights[vt, k] * T.float32(r_scale)
+                if r_dispatch:
+                    for k in range(r_K):
+                        _identity_dispatch(vt, k, r_K, tok, expert_map, topk_ids, sorted_ids, block_expert,
+                                           num_blocks, slot_pos)
+
+    if r_dispatch:
+        return _route_dispatch(route, r_E, r_K, tok)
+
+    @T.prim_func(s_tir=True)
+    def routing(logits_h: T.handle, bias_h: T.handle, ids_h: T.handle, weights_h: T.handle):
+        T.func_attr({"tir.noalias": True})
+        logits = T.match_buffer(logits_h, (tok, r_E), "float32")
+        bias = T.match_buffer(bias_h, (r_E,), "float32")
+        topk_ids = T.match_buffer(ids_h, (tok, r_K), "int32")
+        topk_weights = T.match_buffer(weights_h, (tok, r_K), "float32")
+        route(logits, bias, topk_ids, topk_weights, None, None, None, None, None)
 
     return routing
 
 
-def routing_warp_func(num_experts: int, top_k: int, router: RouterSpec, warps: int):
+def routing_warp_func(num_experts: int, top_k: int, router: RouterSpec, warps: int, dispatch: bool = False):
     """The same contract as routing_func, one warp per token: lane l holds experts l, l + 32, ...;
     maxima, sums and each of the K argmaxes are warp shuffles (ties: the lower index, as routing_func).
     An algorithm for 32-lane hardware, so it names its threads. Grouped top-k is not covered: those
-    specs use routing_func."""
+    specs use routing_func. dispatch: `route_dispatch`, as routing_func."""
     assert not router.grouped, "grouped top-k routes with routing_func"
     w_E, w_K, w_W = num_experts, top_k, warps
+    w_dispatch = dispatch
     w_L = (w_E + 31) // 32  # experts per lane
     w_softmax = router.scoring == "softmax"
     w_use_bias = router.correction_bias
@@ -139,13 +173,8 @@ def routing_warp_func(num_experts: int, top_k: int, router: RouterSpec, warps: i
     w_scale = float(router.routed_scaling_factor)
     tok = token_var()
 
-    @T.prim_func
-    def routing(logits_h: T.handle, bias_h: T.handle, ids_h: T.handle, weights_h: T.handle):
-        T.func_attr({"tir.noalias": True})
-        logits = T.match_buffer(logits_h, (tok, w_E), "float32")
-        bias = T.match_buffer(bias_h, (w_E,), "float32")
-        topk_ids = T.match_buffer(ids_h, (tok, w_K), "int32")
-        topk_weights = T.match_buffer(weights_h, (tok, w_K), "float32")
+    @T.macro
+    def route(logits, bias, topk_ids, topk_weights, expert_map, sorted_ids, block_expert, num_blocks, slot_pos):
         bx = T.launch_thread("blockIdx.x", (tok + (w_W - 1)) // w_W)
         ty = T.launch_thread("threadIdx.y", w_W)
         tx = T.launch_thread("threadIdx.x", 32)
@@ -217,5 +246,44 @@ def routing_warp_func(num_experts: int, top_k: int, router: RouterSpec, warps: i
                         topk_weights[bx * w_W + ty, k] = topk_weights[bx * w_W + ty, k] / red[4] * T.float32(w_scale)
                     else:
                         topk_weights[bx * w_W + ty, k] = topk_weights[bx * w_W + ty, k] * T.float32(w_scale)
+                    if w_dispatch:
+                        _identity_dispatch(bx * w_W + ty, k, w_K, tok, expert_map, topk_ids, sorted_ids,
+                                           block_expert, num_blocks, slot_pos)
+
+    if w_dispatch:
+        return _route_dispatch(route, w_E, w_K, tok)
+
+    @T.prim_func
+    def routing(logits_h: T.handle, bias_h: T.handle, ids_h: T.handle, weights_h: T.handle):
+        T.func_attr({"tir.noalias": True})
+        logits = T.match_buffer(logits_h, (tok, w_E), "float32")
+        bias = T.match_buffer(bias_h, (w_E,), "float32")
+        topk_ids = T.match_buffer(ids_h, (tok, w_K), "int32")
+        topk_weights = T.match_buffer(weights_h, (tok, w_K), "float32")
+        route(logits, bias, topk_ids, topk_weights, None, None, None, None, None)
 
     return routing
+
+
+def _route_dispatch(route, E: int, K: int, tok):
+    """PrimFunc `route_dispatch(logits [T, E] f32, bias [E] f32, expert_map [E] i32, topk_ids [T, K] i32,
+    topk_weights [T, K] f32, sorted_ids [S] i32, block_expert [S] i32, num_blocks [1] i32, slot_pos [S] i32)`
+    around a routing body `route` (a macro): the dispatch buffers of a path without the sort (MB = S)."""
+
+    @T.prim_func(s_tir=True)
+    def route_dispatch(logits_h: T.handle, bias_h: T.handle, map_h: T.handle, ids_h: T.handle,
+                       weights_h: T.handle, sorted_h: T.handle, bexp_h: T.handle, nblk_h: T.handle,
+                       pos_h: T.handle):
+        T.func_attr({"tir.noalias": True})
+        logits = T.match_buffer(logits_h, (tok, E), "float32")
+        bias = T.match_buffer(bias_h, (E,), "float32")
+        expert_map = T.match_buffer(map_h, (E,), "int32")
+        topk_ids = T.match_buffer(ids_h, (tok, K), "int32")
+        topk_weights = T.match_buffer(weights_h, (tok, K), "float32")
+        sorted_ids = T.match_buffer(sorted_h, (tok * K,), "int32")
+        block_expert = T.match_buffer(bexp_h, (tok * K,), "int32")
+        num_blocks = T.match_buffer(nblk_h, (1,), "int32")
+        slot_pos = T.match_buffer(pos_h, (tok * K,), "int32")
+        route(logits, bias, topk_ids, topk_weights, expert_map, sorted_ids, block_expert, num_blocks, slot_pos)
+
+    return route_dispatch

@@ -10,7 +10,8 @@ Forward (seed: shared/seed/moe_runner_base.txt):
   2. pad the routed input to Hp with zeros
   3. gate (when the runner holds one): router logits in fp32
   4-7. kernels: routing -> dispatch -> experts_up -> experts_down -> combine (all router options,
-       activations, biases and routing weights are computed there)
+       activations, biases and routing weights are computed there); a path without the sort
+       (decode) runs route_dispatch -> experts_up -> experts_down -> combine
   8. shared experts (dense MLP in torch), before the routed experts (NO_OVERLAP)
   9. truncate to the original widths; all-reduce over the TP/EP group when asked
  10. return routed, or (shared, routed)
@@ -26,7 +27,7 @@ import torch
 import torch.nn.functional as F
 import tvm_ffi
 
-from ..reference import activation_ref  # pure torch, shared with the oracle
+from ..reference import activation_ref, max_blocks  # pure torch, shared with the oracle
 from ..spec import OPTIONAL_WEIGHTS, MoESpec, spec_from_dict, weights_contract
 from . import packing
 from .loader import load_artifact
@@ -367,7 +368,7 @@ class MoERunner:
         cap, bufs = self._stage.get(path["name"], (0, None))
         if T > cap:
             cap = min(max(T, 2 * cap), spec.max_chunk_tokens)
-            mp = (-(-cap * K // BM) + El) * BM
+            mp = max_blocks(cap, K, El, BM) * BM  # (the sorted order's bound covers the unsorted one)
             i32 = dict(dtype=torch.int32, device=dev)
             bufs = dict(ids=torch.empty(cap * K, **i32), tw=torch.empty(cap * K, dtype=torch.float32, device=dev),
                         counts=torch.empty(El, **i32), offsets=torch.empty(El + 1, dtype=torch.int64, device=dev),
@@ -376,7 +377,7 @@ class MoERunner:
                         act=torch.empty(mp * I, dtype=self.dtype, device=dev),
                         y=torch.empty(mp * Hp, dtype=torch.float32, device=dev))
             self._stage[path["name"]] = (cap, bufs)
-        MB = -(-T * K // BM) + El
+        MB = max_blocks(T, K, El, BM, path["config"].get("sort", True))
         return dict(ids=bufs["ids"][:T * K].view(T, K), tw=bufs["tw"][:T * K].view(T, K), counts=bufs["counts"],
                     offsets=bufs["offsets"], sorted_ids=bufs["sorted_ids"][:MB * BM],
                     block_expert=bufs["block_expert"][:MB], num_blocks=bufs["num_blocks"],
@@ -384,7 +385,7 @@ class MoERunner:
                     y=bufs["y"][:MB * BM * Hp].view(MB * BM, Hp))
 
     def _routed_chunk(self, xp: torch.Tensor, logits: torch.Tensor, out: torch.Tensor) -> None:
-        """The five kernels on one chunk: xp [T, Hp], logits [T, E] fp32 -> out [T, Hp] (a view)."""
+        """The five kernels (four without the sort) on one chunk: xp [T, Hp], logits [T, E] fp32 -> out [T, Hp] (a view)."""
         spec = self.spec
         T = xp.shape[0]
         if T == 0:  # an empty batch launches nothing
@@ -395,9 +396,14 @@ class MoERunner:
         b = self._staging(path, T)
         f, name = self._fns, path["name"]
         with self._stream():  # CUDA: kernels launch on torch's current stream (graph capture too)
-            f["routing"](logits.contiguous(), self.correction_bias, b["ids"], b["tw"])
-            f[f"dispatch_{name}"](b["ids"], self.expert_map, b["counts"], b["offsets"], b["sorted_ids"],
-                                  b["block_expert"], b["num_blocks"], b["slot_pos"])
+            if c.get("sort", True):
+                f["routing"](logits.contiguous(), self.correction_bias, b["ids"], b["tw"])
+                f[f"dispatch_{name}"](b["ids"], self.expert_map, b["counts"], b["offsets"], b["sorted_ids"],
+                                      b["block_expert"], b["num_blocks"], b["slot_pos"])
+            else:  # no sort: routing writes the dispatch buffers (slot s is block s)
+                f[f"route_dispatch_{name}"](logits.contiguous(), self.correction_bias, self.expert_map, b["ids"],
+                                            b["tw"], b["sorted_ids"], b["block_expert"], b["num_blocks"],
+                                            b["slot_pos"])
             f[f"experts_up_{name}"](xp.contiguous(), b["tw"], b["sorted_ids"], b["block_expert"], b["num_blocks"],
                                     w13, b13, b["act"])
             f[f"experts_down_{name}"](b["act"], b["tw"], b["sorted_ids"], b["block_expert"], b["num_blocks"],

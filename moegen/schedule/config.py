@@ -36,6 +36,11 @@ class ExpertsConfig:
     # GPU decode (block_m 1, split_k > 1): each thread loads 16 bytes of weight columns per k step,
     # (BN / vector) x split_k threads per block
     vector_loads: bool = False
+    # no sort (block_m 1, grid_blocks): slot s is block s, routing writes the dispatch buffers itself
+    # (kernels/routing.py route_dispatch) and no dispatch kernel runs; blocks of another EP rank's
+    # experts exit at once. Each slot streams its expert's weights: for paths with well under one row
+    # per expert, where slots rarely share an expert.
+    sort: bool = True
 
 
 @dataclass(frozen=True)
@@ -61,6 +66,8 @@ def config_ok(cfg: ExpertsConfig, shapes: ExpertShapes) -> str | None:
         return f"split_k {cfg.split_k} does not divide Hp {shapes.hidden} and I {shapes.intermediate}"
     if shapes.hidden % cfg.combine_n:
         return f"combine_n {cfg.combine_n} does not divide Hp {shapes.hidden}"
+    if not cfg.sort and (cfg.block_m != 1 or not cfg.grid_blocks):
+        return f"sort false needs block_m 1 and grid_blocks true, not block_m {cfg.block_m} grid_blocks {cfg.grid_blocks}"
     if cfg.mma:
         return _mma_ok(cfg, shapes)
     if cfg.vector_loads:

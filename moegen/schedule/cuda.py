@@ -89,10 +89,10 @@ def experts_up(func, name: str, cfg: ExpertsConfig) -> s_tir.Schedule:
     if cfg.mma:  # kernels built with stage_operands: gathered rows x the expert's tile on tensor cores
         warps, lanes = _mma_gemm(sch, name, cfg, cfg.block_n_up, _dtype(func), "gather", "xs")
         _epilogue_threads(sch, sch.get_sblock("act", func_name=name), warps, lanes)
-        return _exit_past_blocks(sch, name)
+        return _exit_past_blocks(sch, name, cfg)
     if cfg.vector_loads:  # decode: 16-byte weight loads, split-K partials through shared memory
         _split_k_vector_gemm(sch, name, cfg, cfg.block_n_up, _vector(func), "act")
-        return _exit_past_blocks(sch, name)
+        return _exit_past_blocks(sch, name, cfg)
     act = sch.get_sblock("act", func_name=name)
     if cfg.split_k > 1:
         # the cross-thread reduction leaves each column's sum with one thread; the activation pairs
@@ -116,10 +116,10 @@ def experts_down(func, name: str, cfg: ExpertsConfig) -> s_tir.Schedule:
     if cfg.mma:
         warps, lanes = _mma_gemm(sch, name, cfg, cfg.block_n_down, _dtype(func), None, "act")
         _epilogue_threads(sch, sch.get_sblock("scale", func_name=name), warps, lanes)
-        return _exit_past_blocks(sch, name)
+        return _exit_past_blocks(sch, name, cfg)
     if cfg.vector_loads:
         _split_k_vector_gemm(sch, name, cfg, cfg.block_n_down, _vector(func), "scale")
-        return _exit_past_blocks(sch, name)
+        return _exit_past_blocks(sch, name, cfg)
     _tile_gemm(sch, name, "gemm", "local", cfg.split_k)
     scale = sch.get_sblock("scale", func_name=name)
     *_, m, c = sch.get_loops(scale)
@@ -277,22 +277,28 @@ def _region_buffer(region):
     return getattr(region, "buffer", None) or region.source
 
 
-def _exit_past_blocks(sch: s_tir.Schedule, name: str) -> s_tir.Schedule:
+def _exit_past_blocks(sch: s_tir.Schedule, name: str, cfg: ExpertsConfig) -> s_tir.Schedule:
     """Thread blocks past num_blocks (the grid covers every possible block) exit before touching
-    memory: their block_expert is -1. The kernels' `b < num_blocks` predicates do not survive
-    compute_at and blockize onto the staged loads, so the guard goes around the whole block body."""
+    memory: their block_expert is -1. Without the sort (cfg.sort false) a block below num_blocks exits
+    too when its slot's expert is another EP rank's (block_expert -1). The kernels' predicates
+    (kernels.experts._live) do not survive compute_at and blockize onto the staged loads, so the guard
+    goes around the whole block body."""
     import tvm_ffi
-    from tvm.tirx import BufferLoad, Cast, For, IfThenElse
+    from tvm.tirx import And, BufferLoad, Cast, For, IfThenElse, IntImm
     from tvm.tirx.op import tvm_thread_invariant
 
     func = sch.mod[name]
     num_blocks = _loaded_buffer(func, ("num_blocks",))
+    block_expert = _loaded_buffer(func, ("block_expert",))
 
     def guard(stmt):
         if isinstance(stmt, For) and stmt.thread_binding is not None and stmt.thread_binding.thread_tag == "blockIdx.y":
             # uniform over the thread block: TVM's sync planner must be told, or it refuses the
             # barriers inside
-            live = tvm_thread_invariant(Cast("int64", stmt.loop_var) < Cast("int64", BufferLoad(num_blocks, [0])))
+            cond = Cast("int64", stmt.loop_var) < Cast("int64", BufferLoad(num_blocks, [0]))
+            if not cfg.sort:
+                cond = And(cond, BufferLoad(block_expert, [stmt.loop_var]) >= IntImm("int32", 0))
+            live = tvm_thread_invariant(cond)
             body = IfThenElse(live, stmt.body, None)
             return For(stmt.loop_var, stmt.min, stmt.extent, stmt.kind, body, stmt.thread_binding, stmt.annotations)
         return stmt
