@@ -100,6 +100,34 @@ def test_tensor_core_paths_use_ldmatrix_and_mma(dtype, ab, tmp_path):
     assert "mma.sync" not in _kernel(src, f"experts_up_{decode[0]}")
 
 
+def test_dynamic_shared_memory_tiles_pass_48_kib(tmp_path):
+    """dynamic_smem: a 128 x 128 tile with a 4-stage pipeline (about 138 KiB) builds, its operands and
+    accumulator in the one dynamic shared buffer, and the launch raises the kernel's shared-memory limit
+    past 48 KiB first; without dynamic_smem the same config is refused by config_ok."""
+    import dataclasses
+
+    import yaml
+
+    from moegen.build import build, expert_shapes
+    from moegen.schedule.config import ExpertsConfig, config_ok
+
+    big = dict(block_m=128, block_n_up=128, block_n_down=128, combine_n=128, gather_rows=False, grid_blocks=True,
+               dispatch_threads=256, mma=True, block_k=32, warp_m=64, warp_n=64, stages=4, dynamic_smem=True)
+    spec = dataclasses.replace(load_spec(SPECS / "tiny.yaml"), intermediate_size=128)  # N13 256: two tiles
+    shapes = expert_shapes(spec)
+    assert config_ok(ExpertsConfig(**big), shapes) is None
+    assert "dynamic_smem allows more" in config_ok(ExpertsConfig(**dict(big, dynamic_smem=False)), shapes)
+    sched = tmp_path / "s.yaml"
+    sched.write_text(yaml.safe_dump({"paths": [{"name": "big", "max_rows_per_expert": None, "experts": big}]}))
+    root = build(spec, "cuda-sm90", tmp_path, golden=False, schedules=sched)
+    src = (root / "moe.cu").read_text()
+    for fn in ("experts_up_big", "experts_down_big"):
+        k = _kernel(src, fn)
+        assert "extern __shared__" in k and "ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16" in k, fn
+        assert "cp.async" in k or "cp_async" in k, fn  # stages > 1: the pipelined copies
+        assert f"cudaFuncSetAttribute(::{fn}_kernel, cudaFuncAttributeMaxDynamicSharedMemorySize" in src, fn
+
+
 def test_tensor_intrinsics_tensorize_a_plain_matmul():
     """The registered bf16/fp16 intrinsics (moegen.schedule.tensor_intrin) match a 16x16x16 fp32-
     accumulating matmul: tensorize accepts it for both dtypes and refuses fp32 inputs by name."""

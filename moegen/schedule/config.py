@@ -33,6 +33,9 @@ class ExpertsConfig:
     warp_m: int = 16
     warp_n: int = 32
     stages: int = 1  # mma: shared-memory buffers of the operands (> 1: cp.async software pipeline)
+    # mma: operands and accumulator tile in dynamic shared memory, which may pass the 48 KiB of static
+    # shared memory (up to MMA_DYNAMIC_SHARED_BYTES): taller tiles, more pipeline stages
+    dynamic_smem: bool = False
     # GPU decode (block_m 1, split_k > 1): each thread loads 16 bytes of weight columns per k step,
     # (BN / vector) x split_k threads per block
     vector_loads: bool = False
@@ -78,6 +81,8 @@ def config_ok(cfg: ExpertsConfig, shapes: ExpertShapes) -> str | None:
 MMA_FRAG = 16  # rows, columns and k of one tensor-core fragment (moegen.schedule.tensor_intrin)
 MMA_SKEW = 8  # elements of padding per shared-memory row (schedule.cuda storage_align)
 MMA_SHARED_BYTES = 48 * 1024  # static shared memory per thread block
+# dynamic shared memory per thread block on the least of the CUDA targets (sm_80: 163 KiB; sm_90: 227)
+MMA_DYNAMIC_SHARED_BYTES = 163 * 1024
 
 
 def _mma_ok(cfg: ExpertsConfig, shapes: ExpertShapes) -> str | None:
@@ -95,9 +100,10 @@ def _mma_ok(cfg: ExpertsConfig, shapes: ExpertShapes) -> str | None:
             return f"mma: warp_n {cfg.warp_n} does not divide {field} {n}"
     for field, n in (("block_n_up", cfg.block_n_up), ("block_n_down", cfg.block_n_down)):
         smem = cfg.block_m * n * 4 + cfg.stages * (cfg.block_m + n) * (cfg.block_k + MMA_SKEW) * 2  # fp32 tile + operands
-        if smem > MMA_SHARED_BYTES:
+        most = MMA_DYNAMIC_SHARED_BYTES if cfg.dynamic_smem else MMA_SHARED_BYTES
+        if smem > most:
             return (f"mma: block_m {cfg.block_m} x {field} {n} needs {smem} bytes of shared memory "
-                    f"(at most {MMA_SHARED_BYTES})")
+                    f"(at most {most}{'' if cfg.dynamic_smem else ' static; dynamic_smem allows more'})")
     for what, k in (("Hp", shapes.hidden), ("I", shapes.intermediate)):
         if k % cfg.block_k:
             return f"mma: block_k {cfg.block_k} does not divide {what} {k}"

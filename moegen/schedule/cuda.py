@@ -201,7 +201,8 @@ def _mma_gemm(sch: s_tir.Schedule, name: str, cfg: ExpertsConfig, block_n: int, 
     rows gathered) or None when A is a function argument (`a_buffer`, read in place)."""
     from . import tensor_intrin
 
-    intr = tensor_intrin.names(dtype, "shared")
+    smem = "shared.dyn" if cfg.dynamic_smem else "shared"
+    intr = tensor_intrin.names(dtype, smem)
     vec = VECTOR_BYTES // 2  # 16-bit inputs
     frag = tensor_intrin.FRAG
     warps, lanes = _threads(cfg, block_n)
@@ -221,10 +222,10 @@ def _mma_gemm(sch: s_tir.Schedule, name: str, cfg: ExpertsConfig, block_n: int, 
     load_w = sch.get_sblock("load_w", func_name=name)
     if a_stage is not None:
         a_sh = sch.get_sblock(a_stage, func_name=name)
-        sch.set_scope(a_sh, 0, "shared")
+        sch.set_scope(a_sh, 0, smem)
     else:
-        a_sh = sch.cache_read(outer, _read_index(sch, outer, a_buffer), "shared")
-    sch.set_scope(load_w, 0, "shared")
+        a_sh = sch.cache_read(outer, _read_index(sch, outer, a_buffer), smem)
+    sch.set_scope(load_w, 0, smem)
     for blk in (a_sh, load_w):
         sch.compute_at(blk, k0)
         sch.storage_align(blk, 0, axis=-2, factor=32, offset=8)  # rows 16 bytes apart: no bank conflicts
@@ -237,7 +238,7 @@ def _mma_gemm(sch: s_tir.Schedule, name: str, cfg: ExpertsConfig, block_n: int, 
         sch.compute_at(blk, k1)
     c_w = sch.cache_write(outer, 0, "warp")
     sch.reverse_compute_at(c_w, warp)
-    sch.set_scope(c_w, 0, "shared")
+    sch.set_scope(c_w, 0, smem)
     sch.decompose_reduction(outer, k0)
 
     def frag_tiles(blk, rows_first: bool):

@@ -8,8 +8,9 @@ fp32. In registers a 16x16 fragment is [32 threads, 8 values] in the ldmatrix la
 "m16n8k16" tensor-core instruction does half of the 16 columns, so an mma intrinsic issues two.
 
 Names registered (dtype in {float16, bfloat16}):
-    moegen_ldmatrix_a_<dtype>   shared [16, 16] row-major -> warp [32, 8]        (ldmatrix.x4)
-    moegen_ldmatrix_b_<dtype>   shared [16, 16] k x n     -> warp [32, 8]        (ldmatrix.x4.trans)
+    moegen_ldmatrix_a_<dtype>[_<scope>]  shared [16, 16] row-major -> warp [32, 8]  (ldmatrix.x4)
+    moegen_ldmatrix_b_<dtype>[_<scope>]  shared [16, 16] k x n     -> warp [32, 8]  (ldmatrix.x4.trans)
+                                         (suffix _shared_dyn for dynamic shared memory)
     moegen_mma_<dtype>_f32      C[i, j] += f32(A[i, k]) * f32(B[k, j])          (2 x mma.sync m16n8k16)
     moegen_mma_fill_f32         C = 0
     moegen_mma_store_f32_<scope> warp [32, 8] -> <scope> [16, 16]
@@ -42,16 +43,16 @@ def frag_layout_4d(*idx):
     return (*lead, i // FRAG, j // FRAG, *frag_layout(i % FRAG, j % FRAG))
 
 
-def _ldmatrix(dtype: str, operand: str):
+def _ldmatrix(dtype: str, operand: str, scope: str):
     # A (row-major, rows x k) loads as stored; B (k x n, row-major) loads with .trans so each thread
     # gets pairs along k. Either way thread tx gives the address of row tx % 16, columns 8 * (tx // 16)..
     trans = operand == "B"
     smem_offset = lambda tx, s: s * (tx % HALF) + 8 * (tx // HALF)  # noqa: E731
-    li_dt = dtype
+    li_dt, li_scope = dtype, scope
 
     @T.prim_func(s_tir=True)
     def desc(warp_h: T.handle, shared_h: T.handle) -> None:
-        shared = T.match_buffer(shared_h, (FRAG, FRAG), li_dt, align=64, offset_factor=FRAG, scope="shared")
+        shared = T.match_buffer(shared_h, (FRAG, FRAG), li_dt, align=64, offset_factor=FRAG, scope=li_scope)
         warp = T.match_buffer(warp_h, (WARP, LOCAL), li_dt, align=64, offset_factor=FRAG, scope="warp")
         with T.sblock("root"):
             T.reads(shared[0:FRAG, 0:FRAG])
@@ -68,7 +69,7 @@ def _ldmatrix(dtype: str, operand: str):
     def impl(warp_h: T.handle, shared_h: T.handle) -> None:
         s0 = T.int32()
         s1 = T.int32()
-        shared = T.match_buffer(shared_h, (FRAG, FRAG), li_dt, align=64, offset_factor=FRAG, scope="shared",
+        shared = T.match_buffer(shared_h, (FRAG, FRAG), li_dt, align=64, offset_factor=FRAG, scope=li_scope,
                                 strides=[s0, s1])
         warp = T.match_buffer(warp_h, (WARP, LOCAL), li_dt, align=64, offset_factor=FRAG, scope="warp")
         with T.sblock("root"):
@@ -183,30 +184,38 @@ def _store(scope: str):
     return desc, impl
 
 
-def names(dtype: str, store_scope: str = "shared") -> dict[str, str]:
-    """The intrinsic names a tensor-core GEMM of `dtype` inputs uses (registered on first call)."""
+SHARED_SCOPES = ("shared", "shared.dyn")
+
+
+def names(dtype: str, scope: str = "shared") -> dict[str, str]:
+    """The intrinsic names a tensor-core GEMM of `dtype` inputs uses, its operands and accumulator tile
+    in shared memory of `scope` (static "shared" or "shared.dyn"); registered on first call."""
     if dtype not in INPUT_DTYPES:
         raise ValueError(f"tensor cores take {' | '.join(INPUT_DTYPES)} inputs, not {dtype}")
-    n = {"load_a": f"moegen_ldmatrix_a_{dtype}", "load_b": f"moegen_ldmatrix_b_{dtype}",
+    if scope not in SHARED_SCOPES:
+        raise ValueError(f"operands come from {' | '.join(SHARED_SCOPES)} memory, not {scope}")
+    sfx = "" if scope == "shared" else "_" + scope.replace(".", "_")
+    n = {"load_a": f"moegen_ldmatrix_a_{dtype}{sfx}", "load_b": f"moegen_ldmatrix_b_{dtype}{sfx}",
          "compute": f"moegen_mma_{dtype}_f32", "init": "moegen_mma_fill_f32",
-         "store": f"moegen_mma_store_f32_{store_scope.replace('.', '_')}"}
-    _register(dtype, store_scope, n)
+         "store": f"moegen_mma_store_f32_{scope.replace('.', '_')}"}
+    _register(dtype, scope, n)
     return n
 
 
 _done: set[tuple[str, str]] = set()
 
 
-def _register(dtype: str, store_scope: str, n: dict[str, str]) -> None:
-    if (dtype, store_scope) in _done:
+def _register(dtype: str, scope: str, n: dict[str, str]) -> None:
+    if (dtype, scope) in _done:
         return
     # the warp-memory lowering looks this layout up by name (TVM's own module registers it on import)
     key = "tirx.index_map.shared_16x16_to_ldmatrix_32x8_layout"
     if tvm_ffi.get_global_func(key, allow_missing=True) is None:
         tvm_ffi.register_global_func(key, lambda ind: convert(list(frag_layout(ind[0], ind[1]))))
-    for name, fns in ((n["load_a"], lambda: _ldmatrix(dtype, "A")), (n["load_b"], lambda: _ldmatrix(dtype, "B")),
+    for name, fns in ((n["load_a"], lambda: _ldmatrix(dtype, "A", scope)),
+                      (n["load_b"], lambda: _ldmatrix(dtype, "B", scope)),
                       (n["compute"], lambda: _mma(dtype)), (n["init"], _fill),
-                      (n["store"], lambda: _store(store_scope))):
+                      (n["store"], lambda: _store(scope))):
         if TensorIntrin.get(name, allow_missing=True) is None:
             TensorIntrin.register(name, *fns())
-    _done.add((dtype, store_scope))
+    _done.add((dtype, scope))
