@@ -67,15 +67,18 @@ def check_schedule(paths, shapes, source: str) -> None:
 
 def scheduled_module(spec: MoESpec, target: TargetInfo, schedule: dict | None = None):
     """Every function of the artifact, scheduled: routing, then dispatch/experts_up/experts_down/combine
-    per path. `schedule`: the contents of a schedules file (default: schedule_source(target)).
+    per path, then (when the schedules file has a `pack:` section) the weight-packing kernels
+    pack_w13_n{BN} / pack_w2_n{BN}, one per packed layout the paths read.
+    `schedule`: the contents of a schedules file (default: schedule_source(target)).
     Returns (IRModule, [path dicts for the manifest])."""
     import tvm
 
     from .kernels import dispatch as kd
     from .kernels import experts as ke
+    from .kernels import pack as kp
     from .kernels import routing as kr
     from .schedule import rules
-    from .schedule.config import ExpertsConfig, load_paths, load_routing_config, path_records
+    from .schedule.config import ExpertsConfig, load_paths, load_routing_config, pack_config, path_records
 
     rule = rules(target.family)
     shapes = expert_shapes(spec)
@@ -117,6 +120,15 @@ def scheduled_module(spec: MoESpec, target: TargetInfo, schedule: dict | None = 
                                  not cfg.sort),
             f"experts_down_{name}", cfg)
         funcs[f"combine_{name}"] = rule.combine(ke.combine_func(shapes, bm, not cfg.sort), f"combine_{name}", cfg)
+    pack = pack_config(schedule, source)
+    for p in paths if pack is not None else ():  # paths often share a layout: one kernel per width
+        up, down = p["config"]["block_n_up"], p["config"]["block_n_down"]
+        if f"pack_w13_n{up}" not in funcs:
+            funcs[f"pack_w13_n{up}"] = rule.pack(kp.pack_w13_func(
+                spec.dtype, shapes.local_experts, shapes.n13, shapes.hidden, up, shapes.gated), f"pack_w13_n{up}", pack)
+        if f"pack_w2_n{down}" not in funcs:
+            funcs[f"pack_w2_n{down}"] = rule.pack(kp.pack_w2_func(
+                spec.dtype, shapes.local_experts, shapes.hidden, shapes.intermediate, down), f"pack_w2_n{down}", pack)
     mod = tvm.IRModule({name: sch.mod[name] for name, sch in funcs.items()})
     return mod, paths
 
@@ -267,7 +279,7 @@ def build(spec: MoESpec, target_name: str, out_root: Path, *, golden: bool = Tru
     tmp.chmod(0o755)  # mkdtemp makes it private; the artifact is meant to be shared
     try:
         t0 = time.perf_counter()
-        progress(f"[1/5] kernels: routing, dispatch, experts (schedules {sched_record['file']})")
+        progress(f"[1/5] kernels: routing, dispatch, experts, packing (schedules {sched_record['file']})")
         mod, paths = scheduled_module(spec, target, sched_data)
         progress(f"[2/5] compiling {len(mod.functions)} functions for {target.tvm}")
         ex = compile_module(mod, target)

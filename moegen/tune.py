@@ -194,6 +194,7 @@ def build_candidates(spec, target_name: str, candidates_path: Path | str, tune_d
                         f"(all {len(configs)} rejected by config_ok)")
     base_path, base, base_record = schedule_source(target)
     routing = dict(base.get("routing") or {})
+    pack = dict(base.get("pack") or {})  # kept like routing: candidates differ in their expert kernels only
     tune_dir = Path(tune_dir)
     tune_dir.mkdir(parents=True, exist_ok=True)
     echo(f"{len(kept)} candidates for {spec.name} on {target.name} ({len(rejected)} skipped); "
@@ -203,7 +204,8 @@ def build_candidates(spec, target_name: str, candidates_path: Path | str, tune_d
         d = tune_dir / c["id"]
         sched = d / "schedule.yaml"
         text = yaml.safe_dump({"paths": [{"name": PATH_NAME, "max_rows_per_expert": None, "experts": c["fitted"]}],
-                               **({"routing": routing} if routing else {})}, sort_keys=False)
+                               **({"routing": routing} if routing else {}), **({"pack": pack} if pack else {})},
+                              sort_keys=False)
         if not sched.is_file() or sched.read_text() != text:
             _write_atomic(sched, text)
         art = d / spec.name / target.name
@@ -215,7 +217,7 @@ def build_candidates(spec, target_name: str, candidates_path: Path | str, tune_d
         echo(f"  [{i + 1}/{len(kept)}] {c['id']} built  {c['fitted']}  ({time.perf_counter() - t0:.1f} s)")
     doc = {"format": FORMAT, "spec": spec.to_dict(), "spec_name": spec.name, "spec_hash": spec.hash,
            "target": target.name, "family": target.family, "candidates_file": str(candidates_path),
-           "base_schedule": base_record, "routing": routing,
+           "base_schedule": base_record, "routing": routing, "pack": pack,
            "built": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
            "candidates": kept, "rejected": rejected}
     _write_atomic(tune_dir / CANDIDATES_JSON, json.dumps(doc, indent=1))
@@ -287,9 +289,10 @@ def merge_paths(tokens: list[int], winners: list[str], top_k: int, local_experts
 
 
 def schedule_yaml(paths: list[dict], configs: dict[str, dict], routing: dict, header: list[str],
-                  notes: dict[str, str] | None = None) -> str:
+                  notes: dict[str, str] | None = None, pack: dict | None = None) -> str:
     """A schedules file (the format of schedules/*.yaml) for merged paths: `configs[id]` is the experts
-    config of each candidate, `notes[name]` an optional comment per path."""
+    config of each candidate, `notes[name]` an optional comment per path; `routing` and `pack` (the
+    weight-packing kernels) as the base schedule had them."""
     import yaml
 
     def flow(d):
@@ -305,6 +308,8 @@ def schedule_yaml(paths: list[dict], configs: dict[str, dict], routing: dict, he
         lines.append(f"    experts: {flow(configs[p['candidate']])}")
     if routing:
         lines.append(f"routing: {flow(routing)}")
+    if pack:
+        lines.append(f"pack: {flow(pack)}")
     text = "\n".join(lines) + "\n"
     check = yaml.safe_load(text)  # the file says what was meant (the full check is read_schedule)
     assert [q["experts"] for q in check["paths"]] == [configs[p["candidate"]] for p in paths], text
@@ -541,9 +546,10 @@ def run_tuning(tune_dir: Path | str, tokens: list[int], out_path: Path | str, *,
               f"I={spec.intermediate_size} {spec.dtype}) built for {doc['target']}; every time: {tune_dir.name}/{RESULTS_JSON}.",
               f"Token counts {tokens} (rows per expert T*K/El {[round(t * K / El, 3) for t in tokens]}); a path serves",
               "T*K/El <= max_rows_per_expert, bounds at the geometric midpoint between measured points.",
-              f"routing: kept from {doc['base_schedule']['file']}, the schedule the candidates were built with."]
+              f"routing and pack: kept from {doc['base_schedule']['file']}, the schedule the candidates were built with."]
     configs = {cid: results[cid]["config"] for cid in good}
-    _write_atomic(Path(out_path), schedule_yaml(paths, configs, doc.get("routing") or {}, header, notes))
+    _write_atomic(Path(out_path), schedule_yaml(paths, configs, doc.get("routing") or {}, header, notes,
+                                                pack=doc.get("pack") or {}))
     _table(results, tokens, winners, order, echo)
     echo(f"wrote {out_path} ({len(paths)} paths) and {tune_dir / RESULTS_JSON}")
     return summary

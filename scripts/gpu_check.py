@@ -1,6 +1,8 @@
 """GPU check (run from the repo root on the GPU box, no TVM there; artifacts from `make gpu-bundle`):
   1. `verify` of every single-rank artifact against the PyTorch reference at 0, 1, 7, 64, 129, 1000 and
-     4096 tokens; real-size layers draw their weights on the GPU and run the reference there too;
+     4096 tokens; real-size layers draw their weights on the GPU and run the reference there too, and
+     print load + first forward; on the first real-size one (DeepSeek-V3 in the bundle) the weights the
+     artifact's CUDA pack kernels packed must equal runtime/packing.py's, both timed;
   2. a CUDA-graph replay equals eager on new inputs; load + first forward time;
   3. graph-replay timings of the Qwen3-30B-A3B layer (the full comparison is `moegen bench`).
 MOEGEN_GPU_ARTIFACTS (default gpu-bundle/artifacts) names the artifacts; MOEGEN_GPU_ONLY a comma list
@@ -13,7 +15,7 @@ import torch
 
 from moegen.artifact import TOLERANCES, read_manifest
 from moegen.reference import moe_ref, random_weights
-from moegen.runtime import MoERunner
+from moegen.runtime import MoERunner, packing
 from moegen.spec import spec_from_dict
 from moegen.verify import rel_error, verify_artifact
 
@@ -31,10 +33,78 @@ def weight_bytes(spec) -> int:
                for shape, dt in weights_contract(spec).values())
 
 
+def cuda_ms(fn) -> float:
+    """Milliseconds of GPU time of what fn launches on the current stream (torch.cuda.Event)."""
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    fn()
+    end.record()
+    end.synchronize()
+    return start.elapsed_time(end)
+
+
+def check_packing(r: MoERunner, w: dict, spec) -> bool:
+    """The runner's packed weights (the artifact's pack_{w13,w2}_n{BN} kernels, run at load) equal
+    runtime/packing.py's tiles bit for bit; times both ways. The kernel is timed rerunning it into the
+    runner's own packed tensor (same values), so only one extra copy of a weight is ever alive."""
+    import torch.nn.functional as F
+
+    ok = True
+    pad = spec.kernel_hidden - spec.routed_width
+    for name in ("w13", "w2"):
+        src = w[name]
+        src = (F.pad(src, (0, pad)) if name == "w13" else F.pad(src, (0, 0, 0, pad))) if pad else src
+        done = set()
+        for (up, down), (w13p, _, w2p, _) in r._packed.items():
+            bn, got = (up, w13p) if name == "w13" else (down, w2p)
+            if bn in done:
+                continue
+            done.add(bn)
+            fn = r._fns.get(f"pack_{name}_n{bn}")
+            if fn is None:
+                print(f"  packing {name} BN={bn}: the artifact has no pack kernel (torch packed it) FAIL", flush=True)
+                ok = False
+                continue
+            gb = 2 * src.numel() * src.element_size() / 1e9  # read once, written once
+
+            def run_kernel():
+                with r._stream():
+                    fn(src.contiguous(), got)
+
+            def run_torch():
+                return packing.pack_w13(src, bn, spec.gated) if name == "w13" else packing.pack_w2(src, bn)
+
+            run_kernel()  # warm
+            t_kernel = cuda_ms(run_kernel)
+            want = [None]
+            t_torch = cuda_ms(lambda: want.__setitem__(0, run_torch()))
+            same = torch.equal(got, want[0])
+            del want
+            torch.cuda.empty_cache()
+            ok &= same
+            print(f"  packing {name} BN={bn} ({gb / 2:.1f} GB): pack kernel {t_kernel:.2f} ms ({gb / t_kernel:.0f} GB/s), "
+                  f"torch {t_torch:.2f} ms ({gb / t_torch:.0f} GB/s); equal: {same} {'ok' if same else 'FAIL'}",
+                  flush=True)
+        del src
+    return ok
+
+
+PACK_CHECKED = []  # the artifact whose packing was checked (the first real-size one)
+
+
 def verify_on_gpu(root: Path, spec, tokens) -> bool:
-    """verify's random cases with weights, inputs and the reference all on the GPU."""
+    """verify's random cases with weights, inputs and the reference all on the GPU; load + first
+    forward time; the packing check on the first real-size artifact."""
     w = random_weights(spec, 1, device="cuda")
+    torch.cuda.synchronize()
+    t0 = time.perf_counter()
     r = MoERunner.load(root, w, device="cuda")
+    x = torch.randn(33, spec.hidden_size, device="cuda").to(getattr(torch, spec.dtype))
+    r(x, torch.randn(33, spec.num_experts, device="cuda"))
+    torch.cuda.synchronize()
+    kernels = any(f.startswith("pack_") for f in r.manifest["functions"])
+    print(f"  load + first forward (33 tokens) {(time.perf_counter() - t0) * 1e3:.1f} ms "
+          f"(weights packed by {'the pack kernels' if kernels else 'torch'})", flush=True)
     tol, ok = TOLERANCES[spec.dtype], True
     gen = torch.Generator("cuda").manual_seed(0)
     for T in tokens:
@@ -48,6 +118,9 @@ def verify_on_gpu(root: Path, spec, tokens) -> bool:
         good = all(e <= tol for e in errs)
         ok &= good
         print(f"  T={T:<5} err {' '.join(f'{e:.2e}' for e in errs)} tol {tol:.1e} {'ok' if good else 'FAIL'}", flush=True)
+    if not PACK_CHECKED:
+        PACK_CHECKED.append(root.parent.name)
+        ok &= check_packing(r, w, spec)
     del r, w
     torch.cuda.empty_cache()
     return ok
@@ -71,6 +144,8 @@ for root in sorted(ART.glob("*/cuda-sm90")):
         print("  ERROR", type(e).__name__, str(e)[:2000], flush=True)
     results[name] = ok
     print(f"{name}: {'PASS' if ok else 'FAIL'} ({time.time() - t0:.1f} s)", flush=True)
+if not PACK_CHECKED:
+    print("packing check: no real-size artifact in the bundle (deepseek-v3 is in scripts/specs)", flush=True)
 
 # CUDA graph capture: replay equals eager; load + first forward (on the first small artifact there is)
 root = next((r for r in (ART / n / "cuda-sm90" for n in ("deepseek-v3-small", "tiny")) if r.exists()), None)

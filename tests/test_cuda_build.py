@@ -188,3 +188,32 @@ def test_sharded_spec_builds_for_cuda(tmp_path):
     spec = load_spec(Path(__file__).resolve().parents[1] / "scripts/specs/ds-small-sp-tp2.yaml")
     decode = read_manifest(build(spec, "cuda-sm90", tmp_path, golden=False))["paths"][0]["config"]
     assert decode["vector_loads"] and decode["split_k"] == 16
+
+
+def test_cuda_artifact_packs_weights_with_16_byte_kernels(artifact):
+    """schedules/cuda-sm90.yaml has a `pack:` section: the artifact lists one pack_w13_n{BN} and one
+    pack_w2_n{BN} per packed layout its paths read (one for every CUDA path here), with the weight and
+    packed shapes, and its CUDA source holds their kernels: 16-byte loads of the weight, 16-byte
+    stores of the packed tiles, no shared memory (the V x V transpose stays in registers).
+    (The runner's packed weights are compared with runtime/packing.py on the H100: scripts/gpu_check.py.)"""
+    root = artifact("tiny", "cuda-sm90")
+    m = read_manifest(root)
+    spec = load_spec(SPECS / "tiny.yaml")
+    ups = {p["config"]["block_n_up"] for p in m["paths"]}
+    downs = {p["config"]["block_n_down"] for p in m["paths"]}
+    assert len(ups) == len(downs) == 1
+    (up,), (down,) = ups, downs
+    assert sorted(f for f in m["functions"] if f.startswith("pack_")) == [f"pack_w13_n{up}", f"pack_w2_n{down}"]
+    E, H, I = spec.num_experts, spec.hidden_size, spec.intermediate_size
+    assert m["functions"][f"pack_w13_n{up}"] == [
+        {"name": "w13", "shape": [str(E), str(2 * I), str(H)], "dtype": "bfloat16"},
+        {"name": "out", "shape": [str(E), str(2 * I // up), str(H), str(up)], "dtype": "bfloat16"}]
+    assert m["functions"][f"pack_w2_n{down}"] == [
+        {"name": "w2", "shape": [str(E), str(H), str(I)], "dtype": "bfloat16"},
+        {"name": "out", "shape": [str(E), str(H // down), str(I), str(down)], "dtype": "bfloat16"}]
+    src = (root / "moe.cu").read_text()
+    for fn, w in ((f"pack_w13_n{up}", "w13_ptr"), (f"pack_w2_n{down}", "w2_ptr")):
+        k = _kernel(src, fn)
+        assert k.count(f"= *(uint4*)({w} + ") == 8, fn  # V = 8 bf16: 8 source rows of 8 k per thread
+        assert k.count("*(uint4*)(out_ptr + ") == 8, fn  # and 8 output rows of 8 columns
+        assert "__shared__" not in k and "__syncthreads" not in k, fn

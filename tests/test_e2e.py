@@ -496,3 +496,63 @@ print("OK", tvm.__version__)
 """)
     proc = subprocess.run([sys.executable, str(script)], cwd=tmp_path, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0 and "OK" in proc.stdout, proc.stderr[-2000:]
+
+
+# ---- weight packing at load -------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("name", ["gpt-oss-small", "latent-small"])
+def test_runner_packs_with_the_artifacts_kernels(name, artifact, monkeypatch):
+    """CPU artifacts carry pack_w13_n{BN} / pack_w2_n{BN} (schedules/cpu.yaml `pack:`) for each packed
+    layout; the runner packs the weights with them, not with torch, and gets runtime/packing.py's tiles
+    bit for bit: gpt-oss-small pads H 180 -> Hp 192 first and is gated, latent-small is relu2."""
+    import torch.nn.functional as F
+
+    from moegen.runtime import packing
+
+    root = artifact(name)
+    spec = load_spec(SPECS / f"{name}.yaml")
+    m = json.loads((root / MANIFEST).read_text())
+    layouts = {(p["config"]["block_n_up"], p["config"]["block_n_down"]) for p in m["paths"]}
+    assert len(layouts) > 1  # the CPU schedules read two layouts: both packed
+    assert {f for f in m["functions"] if f.startswith("pack_")} == \
+        {f"pack_w13_n{u}" for u, _ in layouts} | {f"pack_w2_n{d}" for _, d in layouts}
+    weights = random_weights(spec, 2)
+    seen = []  # torch packing calls: only the biases' (a trailing axis of one, packing.pack_b13)
+    torch_w13, torch_w2 = packing.pack_w13, packing.pack_w2
+    monkeypatch.setattr(packing, "pack_w13", lambda w, *a: seen.append(tuple(w.shape)) or torch_w13(w, *a))
+    monkeypatch.setattr(packing, "pack_w2", lambda w, *a: seen.append(tuple(w.shape)) or torch_w2(w, *a))
+    runner = MoERunner.load(root, weights)
+    monkeypatch.undo()
+    assert all(s[-1] == 1 for s in seen), seen
+    pad = spec.kernel_hidden - spec.routed_width
+    w13, w2 = F.pad(weights["w13"], (0, pad)), F.pad(weights["w2"], (0, 0, 0, pad))
+    assert set(runner._packed) == layouts
+    for (up, down), (pw13, _, pw2, _) in runner._packed.items():
+        assert torch.equal(pw13, packing.pack_w13(w13, up, spec.gated)), (up, down)
+        assert torch.equal(pw2, packing.pack_w2(w2, down)), (up, down)
+
+
+def test_artifact_without_pack_kernels_packs_with_torch(artifact, tmp_path):
+    """An artifact from a schedule without `pack:` (and any artifact built before the pack kernels) has
+    none: the runner packs with runtime/packing.py instead, and its outputs equal those of the runner
+    that packed with the kernels exactly."""
+    import re
+
+    from moegen.build import build
+    from moegen.schedule.config import schedule_file
+
+    sched = tmp_path / "no-pack.yaml"
+    text = schedule_file(DEFAULT_TARGET).read_text()
+    sched.write_text(re.sub(r"(?m)^pack:.*\n", "", text))
+    assert "pack:" in text and "pack:" not in sched.read_text()
+    spec = load_spec(SPECS / "tiny.yaml")
+    old = build(spec, DEFAULT_TARGET, tmp_path / "out", golden=False, schedules=sched)
+    assert not [f for f in json.loads((old / MANIFEST).read_text())["functions"] if f.startswith("pack_")]
+    weights = random_weights(spec, 5)
+    with_torch, with_kernels = MoERunner.load(old, weights), MoERunner.load(artifact("tiny"), weights)
+    for key, packed in with_kernels._packed.items():
+        assert all(torch.equal(a, b) for a, b in zip(packed, with_torch._packed[key])), key
+    for T in (1, 17, 129):
+        x, logits = inputs(spec, T, seed=T)
+        assert torch.equal(with_torch(x, logits), with_kernels(x, logits)), T

@@ -24,10 +24,11 @@ from moegen.artifact import TOLERANCES
 from moegen.build import compile_module
 from moegen.kernels.dispatch import dispatch_func
 from moegen.kernels.experts import ExpertShapes, combine_func, experts_down_func, experts_up_func
+from moegen.kernels.pack import pack_w2_func, pack_w13_func
 from moegen.kernels.routing import routing_func
 from moegen.runtime import packing
 from moegen.schedule import rules
-from moegen.schedule.config import ExpertsConfig, fit_config, load_paths
+from moegen.schedule.config import ExpertsConfig, PackConfig, PackTiles, fit_config, load_paths, pack_config_ok
 from moegen.spec import RouterSpec
 from moegen.targets import load_target
 
@@ -274,3 +275,68 @@ def test_packing_in_expert_chunks_matches_the_layout(gated, monkeypatch):
     for e in range(5):
         for t in range(3):
             assert torch.equal(got2[e, t], w2[e, t * 16:(t + 1) * 16].T)
+
+
+# ---- weight packing ----------------------------------------------------------------------------
+
+# name: (dtype, El, N13 rows, Hp, I, BN up, BN down, gated); Hp and I not powers of two, BN / 2 odd once
+PACKS = {
+    "bf16-gated": ("bfloat16", 3, 2 * 24, 40, 24, 16, 8, True),
+    "bf16-gated-odd-half": ("bfloat16", 4, 2 * 30, 72, 30, 10, 24, True),
+    "fp16-relu2": ("float16", 5, 20, 72, 20, 4, 24, False),
+    "fp32-gated": ("float32", 3, 2 * 48, 48, 48, 32, 16, True),
+    "fp32-relu2-wide": ("float32", 3, 96, 40, 96, 96, 40, False),
+}
+# a tile larger than the widths and one that splits them (fit_pack shrinks tiles and the vector)
+PACK_CONFIGS = [PackConfig(tile_k=16, tile_n=64), PackConfig(tile_k=8, tile_n=8, vector_bytes=4)]
+
+
+@functools.cache
+def pack_kernels(key: str, cfg: PackConfig):
+    dt, El, N13, H, I, up, down, gated = PACKS[key]
+    return (compile_one(pack_w13_func(dt, El, N13, H, up, gated), "pack_w13", CPU.pack, cfg),
+            compile_one(pack_w2_func(dt, El, H, I, down), "pack_w2", CPU.pack, cfg))
+
+
+@pytest.mark.parametrize("cfg", PACK_CONFIGS, ids=["wide-tiles", "small-tiles"])
+@pytest.mark.parametrize("key", sorted(PACKS))
+def test_pack_kernels_match_torch_packing_bit_for_bit(key, cfg):
+    """The pack kernels (kernels/pack.py, CPU schedule) write every element of `out` exactly as
+    runtime/packing.py does (outputs start as NaN, so an element never written fails)."""
+    dt, El, N13, H, I, up, down, gated = PACKS[key]
+    tdt = getattr(torch, dt)
+    gen = torch.Generator().manual_seed(El * 1000 + H)
+    w13 = torch.randn(El, N13, H, generator=gen).to(tdt)
+    w2 = torch.randn(El, H, I, generator=gen).to(tdt)
+    pack13, pack2 = pack_kernels(key, cfg)
+    out13 = torch.full((El, N13 // up, H, up), float("nan"), dtype=tdt)
+    out2 = torch.full((El, H // down, I, down), float("nan"), dtype=tdt)
+    pack13(w13, out13)
+    pack2(w2, out2)
+    want13, want2 = packing.pack_w13(w13, up, gated), packing.pack_w2(w2, down)
+    assert not out13.isnan().any() and not out2.isnan().any()
+    assert torch.equal(out13.view(torch.int16 if tdt != torch.float32 else torch.int32),
+                       want13.view(torch.int16 if tdt != torch.float32 else torch.int32))
+    assert torch.equal(out2.view(torch.int16 if tdt != torch.float32 else torch.int32),
+                       want2.view(torch.int16 if tdt != torch.float32 else torch.int32))
+
+
+def test_pack_kernel_indexes_in_int64():
+    """Real layers pass 2**31 elements (DeepSeek-V3 w13: 256 x 4096 x 7168): every extent and index of
+    the pack kernels is int64, so no product wraps."""
+    for func in (pack_w13_func("bfloat16", 256, 4096, 7168, 128, True), pack_w2_func("bfloat16", 256, 7168, 2048, 128)):
+        text = func.script()
+        assert "int32" not in text and "T.int64(7168)" in text, text
+
+
+def test_fit_pack_shrinks_tiles_and_vector_to_divisors():
+    from moegen.schedule.config import PACK_MAX_THREADS, fit_pack
+
+    cfg = PackConfig(tile_k=64, tile_n=64)
+    assert fit_pack(cfg, 2, 7168, 64) == PackTiles(8, 64, 64)  # DeepSeek-V3 w13, bf16
+    assert fit_pack(cfg, 4, 7168, 64) == PackTiles(4, 64, 64)  # fp32: 4 elements a 16-byte access
+    assert fit_pack(cfg, 2, 40, 12) == PackTiles(4, 40, 12)  # 12 columns: 8-byte accesses
+    assert fit_pack(cfg, 2, 30, 5) == PackTiles(1, 30, 5)
+    t = fit_pack(PackConfig(tile_k=1024, tile_n=1024), 2, 4096, 1024)
+    assert t.threads <= PACK_MAX_THREADS and 4096 % t.tile_k == 0 and 1024 % t.tile_n == 0
+    assert pack_config_ok(PackConfig(tile_k=48, tile_n=64)) == "pack: tile_k 48 must be a power of two"

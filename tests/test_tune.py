@@ -140,7 +140,8 @@ def test_written_schedule_loads_and_round_trips(tmp_path):
     a = dataclasses.asdict(ExpertsConfig(1, 64, 64, 128, split_k=4))
     b = dataclasses.asdict(ExpertsConfig(8, 128, 64, 128))
     paths = tune.merge_paths([1, 16, 64, 256], ["a", "a", "b", "b"], 8, 128)
-    text = tune.schedule_yaml(paths, {"a": a, "b": b}, {"warps_per_block": 4}, ["a header", ""], {"t1_16": "a note"})
+    text = tune.schedule_yaml(paths, {"a": a, "b": b}, {"warps_per_block": 4}, ["a header", ""], {"t1_16": "a note"},
+                              pack={"tile_k": 64, "tile_n": 32, "vector_bytes": 16})
     f = tmp_path / "cuda-sm90.yaml"
     f.write_text(text)
     data = read_schedule(f)
@@ -148,11 +149,12 @@ def test_written_schedule_loads_and_round_trips(tmp_path):
     assert [(p.name, p.max_rows_per_expert, dataclasses.asdict(p.experts)) for p in got] == \
         [("t1_16", 2.0, a), ("t64_256", None, b)]
     assert sc.load_routing_config("cuda-sm90", data) == {"warps_per_block": 4}
+    assert sc.pack_config(data, "f") == sc.PackConfig(tile_k=64, tile_n=32)
     assert text.startswith("# a header\n#\npaths:\n") and "  - name: t1_16    # a note\n" in text
     # what was read, written again, is the same file
     again = tune.schedule_yaml([dict(q, candidate=q["name"]) for q in paths],
                                {p.name: dataclasses.asdict(p.experts) for p in got}, data["routing"],
-                               ["a header", ""], {"t1_16": "a note"})
+                               ["a header", ""], {"t1_16": "a note"}, pack=data["pack"])
     assert again == text
 
 
@@ -195,6 +197,14 @@ GOOD_EXPERTS = "{block_m: 1, block_n_up: 64, block_n_down: 64, combine_n: 64}"
     (f"paths: [{{name: a-b, max_rows_per_expert: null, experts: {GOOD_EXPERTS}}}]", "paths[0].name: got 'a-b'"),
     (f"paths: [{{name: a, max_rows_per_expert: null, experts: {GOOD_EXPERTS}}}]\nroutin: {{}}", "unknown section 'routin'"),
     ("paths: [{name: a, max_rows_per_expert: null, experts: {block_m: 1}}]", "paths[0].experts: missing block_n_up"),
+    (f"paths: [{{name: a, max_rows_per_expert: null, experts: {GOOD_EXPERTS}}}]\npack: {{tile_k: 64, tile: 64}}",
+     "pack.tile: unknown field; allowed: tile_k | tile_n | vector_bytes"),
+    (f"paths: [{{name: a, max_rows_per_expert: null, experts: {GOOD_EXPERTS}}}]\npack: {{tile_k: 64}}",
+     "pack: missing tile_n"),
+    (f"paths: [{{name: a, max_rows_per_expert: null, experts: {GOOD_EXPERTS}}}]\npack: {{tile_k: 48, tile_n: 64}}",
+     "pack: tile_k 48 must be a power of two"),
+    (f"paths: [{{name: a, max_rows_per_expert: null, experts: {GOOD_EXPERTS}}}]\npack: {{tile_k: 64, tile_n: 64, "
+     "vector_bytes: 32}", "pack: vector_bytes 32 > 16"),
     ("paths: [unclosed", "not valid YAML"),
     ("{}", "expected a non-empty `paths:` list"),
 ])

@@ -189,20 +189,23 @@ class MoERunner:
             weights = dict(weights, w2_bias=torch.zeros_like(weights["w2_bias"]))
         El, Hr, Hp = spec.local_experts, spec.routed_width, spec.kernel_hidden
         pad = Hp - Hr
-        w13 = weights["w13"].to(dev)  # [El, N13, Hp] after padding
-        w2 = weights["w2"].to(dev)  # [El, Hp, I] after padding
-        if pad:
-            w13, w2 = F.pad(w13, (0, pad)), F.pad(w2, (0, 0, 0, pad))
-        b13 = weights["w13_bias"].to(dev) if spec.expert_bias else torch.zeros(El, w13.shape[1], dtype=dt, device=dev)
+        layouts = [(p["config"]["block_n_up"], p["config"]["block_n_down"]) for p in self.paths]
+        # one weight at a time, so the device holds at most one unpacked weight next to the packed ones
+        # (popped from a copy of the dict: a shard cut above is freed once packed, the caller's dict kept)
+        weights = dict(weights)
+        w13 = weights.pop("w13").to(dev)  # [El, N13, Hp] after padding
+        w13 = F.pad(w13, (0, pad)) if pad else w13
+        N13 = w13.shape[1]
+        w13p = {bn: self._pack_weight("w13", w13, bn) for bn in dict.fromkeys(up for up, _ in layouts)}
+        del w13
+        w2 = weights.pop("w2").to(dev)  # [El, Hp, I] after padding
+        w2 = F.pad(w2, (0, 0, 0, pad)) if pad else w2
+        w2p = {bn: self._pack_weight("w2", w2, bn) for bn in dict.fromkeys(down for _, down in layouts)}
+        del w2
+        b13 = weights["w13_bias"].to(dev) if spec.expert_bias else torch.zeros(El, N13, dtype=dt, device=dev)
         b2 = F.pad(weights["w2_bias"].to(dev), (0, pad)) if spec.expert_bias else torch.zeros(El, Hp, dtype=dt, device=dev)
-        self._packed = {}
-        for p in self.paths:
-            c = p["config"]
-            key = (c["block_n_up"], c["block_n_down"])
-            if key not in self._packed:
-                self._packed[key] = (packing.pack_w13(w13, c["block_n_up"], spec.gated),
-                                     packing.pack_b13(b13, c["block_n_up"], spec.gated),
-                                     packing.pack_w2(w2, c["block_n_down"]), packing.pack_b2(b2, c["block_n_down"]))
+        self._packed = {(up, down): (w13p[up], packing.pack_b13(b13, up, spec.gated), w2p[down],
+                                     packing.pack_b2(b2, down)) for up, down in layouts}
         self.expert_map = expert_map(spec, self.ep_rank).to(dev)
         bias = weights.get("e_score_correction_bias")
         self.correction_bias = (bias.to(dev, torch.float32) if bias is not None
@@ -215,6 +218,20 @@ class MoERunner:
             self.shared_w13 = weights["shared_w13"].to(dev)
             self.shared_w2 = weights["shared_w2"].to(dev)
             self.shared_gate = weights["shared_gate"].to(dev) if spec.shared_experts.gate == "sigmoid" else None
+
+    def _pack_weight(self, which: str, w: torch.Tensor, block_n: int) -> torch.Tensor:
+        """w13 [El, N13, Hp] | w2 [El, Hp, I] on the device -> its column tiles [El, NT, Hp | I, BN]: with
+        the artifact's pack_{which}_n{BN} kernel when it has one (CUDA: near copy bandwidth), else with
+        torch (artifacts built before the kernels, or from a schedule without `pack:`)."""
+        fn = self._fns.get(f"pack_{which}_n{block_n}")
+        if fn is None:
+            return (packing.pack_w13(w, block_n, self.spec.gated) if which == "w13"
+                    else packing.pack_w2(w, block_n))
+        E, N, K = w.shape
+        out = torch.empty(E, N // block_n, K, block_n, dtype=w.dtype, device=w.device)  # every element written
+        with self._stream():
+            fn(w.contiguous(), out)
+        return out
 
     # ---- forward ---------------------------------------------------------------------------
 

@@ -55,6 +55,61 @@ class PathConfig:
     experts: ExpertsConfig
 
 
+@dataclass(frozen=True)
+class PackConfig:
+    """The weight-packing kernels (kernels/pack.py, run once at load): a transpose of (column, k) tiles.
+    Each thread moves a V x V block, V = vector_bytes / element size: V loads of V contiguous k, V
+    stores of V contiguous columns, the transpose in registers between them."""
+
+    tile_k: int  # k (Hp | I) per thread block: tile_k / V threads along k (threadIdx.x, lanes run along k first)
+    tile_n: int  # output columns per thread block (at most one half-tile W = BN / S)
+    vector_bytes: int = 16  # bytes per load and per store of a thread (16: one 128-bit access)
+
+
+PACK_MAX_THREADS = 1024  # threads per thread block
+
+
+@dataclass(frozen=True)
+class PackTiles:
+    """A PackConfig fitted to one pack function's widths: what its schedule uses."""
+
+    vector: int  # V elements per access
+    tile_k: int  # a multiple of V dividing the reduction width R
+    tile_n: int  # a multiple of V dividing the half-tile width W
+
+    @property
+    def threads(self) -> int:
+        return (self.tile_k // self.vector) * (self.tile_n // self.vector)
+
+
+def pack_config_ok(cfg: PackConfig) -> str | None:
+    """None when `cfg` can schedule the pack kernels (after fit_pack), else why not."""
+    for field in ("tile_k", "tile_n", "vector_bytes"):
+        v = getattr(cfg, field)
+        if v < 1 or v & (v - 1):
+            return f"pack: {field} {v} must be a power of two"
+    if cfg.vector_bytes > 16:
+        return f"pack: vector_bytes {cfg.vector_bytes} > 16 (the widest access of a thread)"
+    return None
+
+
+def fit_pack(cfg: PackConfig, element_bytes: int, reduction: int, width: int) -> PackTiles:
+    """`cfg` fitted to a pack function: R = `reduction` (Hp | I), W = `width` columns per half-tile.
+    V shrinks (halving) until it divides R and W; tiles shrink to multiples of V dividing R and W, and
+    tile_k further until a thread block has at most PACK_MAX_THREADS threads."""
+    why = pack_config_ok(cfg)
+    assert why is None, why
+    v = max(1, cfg.vector_bytes // element_bytes)
+    while reduction % v or width % v:
+        v //= 2
+    tk, tn = _fit(reduction, max(cfg.tile_k, v), v), _fit(width, max(cfg.tile_n, v), v)
+    while (tk // v) * (tn // v) > PACK_MAX_THREADS and tk > v:
+        tk = _fit(reduction, tk // 2, v)
+    while (tk // v) * (tn // v) > PACK_MAX_THREADS:
+        tn = _fit(width, tn // 2, v)
+    return PackTiles(v, tk, tn)
+
+
 def config_ok(cfg: ExpertsConfig, shapes: ExpertShapes) -> str | None:
     """None when `cfg` can schedule `shapes`, else why not. Every caller (build, tuner) uses this."""
     if cfg.block_m < 1:
@@ -185,11 +240,13 @@ def read_yaml(path: Path | str, what: str, error: type[Exception]) -> Any:
 
 
 def read_schedule(path: Path | str) -> dict[str, Any]:
-    """Parse and check a schedules file (paths + optional routing); ScheduleError names what is wrong."""
+    """Parse and check a schedules file (paths + optional routing and pack); ScheduleError names what
+    is wrong."""
     path = Path(path)
     data = read_yaml(path, "schedules file", ScheduleError)
     parse_paths(data, str(path))
     _check_routing(data, str(path))
+    pack_config(data, str(path))
     return data
 
 
@@ -201,7 +258,12 @@ def experts_config_from_dict(d: Any, where: str, *, partial: bool = False) -> Ex
     """An ExpertsConfig from a dict, every field checked against the dataclass (so fields added later are
     covered): unknown names, missing required ones, wrong types, ints < 1 (< 0 where the default is 0).
     partial=True checks the given fields only and returns them as a dict (candidate grids)."""
-    fields = {f.name: f for f in dataclasses.fields(ExpertsConfig)}
+    return _config_from_dict(ExpertsConfig, d, where, partial=partial)
+
+
+def _config_from_dict(cls, d: Any, where: str, *, partial: bool = False):
+    """experts_config_from_dict for any config dataclass `cls`."""
+    fields = {f.name: f for f in dataclasses.fields(cls)}
     if not isinstance(d, dict):
         raise ScheduleError(f"{where}: expected a mapping of {' | '.join(fields)}, got {d!r}")
     for k, v in d.items():
@@ -221,7 +283,7 @@ def experts_config_from_dict(d: Any, where: str, *, partial: bool = False) -> Ex
                and f.default_factory is dataclasses.MISSING]
     if missing:
         raise ScheduleError(f"{where}: missing {' | '.join(missing)}")
-    return ExpertsConfig(**d)
+    return cls(**d)
 
 
 def parse_paths(data: Any, source: str) -> list[PathConfig]:
@@ -231,9 +293,9 @@ def parse_paths(data: Any, source: str) -> list[PathConfig]:
 
     if not isinstance(data, dict) or not isinstance(data.get("paths"), list) or not data["paths"]:
         raise ScheduleError(f"schedules file {source}: expected a non-empty `paths:` list")
-    unknown = sorted(set(data) - {"paths", "routing"})
+    unknown = sorted(set(data) - {"paths", "routing", "pack"})
     if unknown:
-        raise ScheduleError(f"schedules file {source}: unknown section {unknown[0]!r}; allowed: paths | routing")
+        raise ScheduleError(f"schedules file {source}: unknown section {unknown[0]!r}; allowed: paths | routing | pack")
     paths, last = [], 0.0
     for i, p in enumerate(data["paths"]):
         where = f"schedules file {source}: paths[{i}]"
@@ -270,6 +332,19 @@ def _check_routing(data: dict, source: str) -> None:
     w = r.get("warps_per_block", 0)
     if isinstance(w, bool) or not isinstance(w, int) or w < 0:
         raise ScheduleError(f"schedules file {source}: routing.warps_per_block: got {w!r}; allowed: an integer >= 0")
+
+
+def pack_config(data: dict[str, Any] | None, source: str) -> PackConfig | None:
+    """The optional `pack:` section of a schedules file, checked (None: no pack kernels in the
+    artifact; the runner packs the weights with torch, runtime/packing.py)."""
+    p = (data or {}).get("pack")
+    if p is None:
+        return None
+    cfg = _config_from_dict(PackConfig, p, f"schedules file {source}: pack")
+    why = pack_config_ok(cfg)
+    if why is not None:
+        raise ScheduleError(f"schedules file {source}: {why}")
+    return cfg
 
 
 def load_paths(target: str, data: dict[str, Any] | None = None) -> list[PathConfig]:

@@ -9,7 +9,7 @@ from __future__ import annotations
 import tvm
 from tvm import s_tir
 
-from .config import ExpertsConfig
+from .config import ExpertsConfig, PackConfig, fit_pack
 
 
 def _schedule(func, name: str) -> s_tir.Schedule:
@@ -86,4 +86,30 @@ def combine(func, name: str, cfg: ExpertsConfig) -> s_tir.Schedule:
     sch.vectorize(ni)
     sch.parallel(sch.fuse(t, no))
     sch.decompose_reduction(cb, k if k is not None else nc)
+    return sch
+
+
+def pack_block(sch: s_tir.Schedule, name: str, cfg: PackConfig):
+    """The sblock "pack" of a kernels/pack.py function (loops e, s, t, k, c) and `cfg` fitted to its
+    dtype, k extent and column extent (shared with schedule.cuda)."""
+    blk = sch.get_sblock("pack", func_name=name)
+    *_, k, c = sch.get_loops(blk)
+    region = sch.get(blk).reads[0]
+    dtype = (getattr(region, "buffer", None) or region.source).dtype
+    tiles = fit_pack(cfg, tvm.runtime.DataType(str(dtype)).bits // 8, int(sch.get(k).extent), int(sch.get(c).extent))
+    return blk, tiles
+
+
+def pack(func, name: str, cfg: PackConfig) -> s_tir.Schedule:
+    """(Expert, tile, k tile) over cores; inside, tile_k output rows of tile_n columns, vectorized along
+    the columns (contiguous stores, strided loads that stay in cache across the k rows). The CPU runner
+    packs with torch (runtime/packing.py); this builds the kernel for the tests, the twin check."""
+    sch = _schedule(func, name)
+    blk, tiles = pack_block(sch, name, cfg)
+    e, s, t, k, c = sch.get_loops(blk)
+    ko, ki = sch.split(k, [None, tiles.tile_k])
+    co, ci = sch.split(c, [None, tiles.tile_n])
+    sch.reorder(e, t, ko, s, co, ki, ci)
+    sch.parallel(sch.fuse(e, t, ko))
+    sch.vectorize(ci)
     return sch

@@ -6,6 +6,8 @@ Shape legend: T tokens, K top-k, Hp padded hidden, I intermediate, BM x BN tile,
 BK reduction step, warp_m x warp_n the piece of a tile one warp computes.
 Each rule is `apply(func, name, config)`; thread counts and tiles come from `config` only.
 (Weight tile, sorted block) pairs map to thread blocks; blocks past num_blocks exit at once.
+Weight packing (kernels/pack.py, once at load): a register transpose of V x V blocks, 16-byte
+accesses on both sides (`pack`).
 Not done yet (issue 3): wgmma, a pipelined or register-epilogue prefill tile that beats Triton's
 from 256 tokens up, a decode path without the sort (docs/perf.md).
 """
@@ -15,7 +17,7 @@ from __future__ import annotations
 import tvm
 from tvm import s_tir
 
-from .config import ExpertsConfig
+from .config import ExpertsConfig, PackConfig, fit_pack
 from .cpu import _schedule
 
 
@@ -352,3 +354,46 @@ def _split_k_vector_gemm(sch: s_tir.Schedule, name: str, cfg: ExpertsConfig, blo
     _, ety, etx = sch.split(sch.fuse(*sch.get_loops(ep)[2:]), [None, ty_n, tx_n])
     sch.bind(ety, "threadIdx.y")
     sch.bind(etx, "threadIdx.x")
+
+
+# ---- weight packing (kernels/pack.py) ------------------------------------------------------------
+
+
+def pack(func, name: str, cfg: PackConfig) -> s_tir.Schedule:
+    """A transpose without shared memory: thread (kx, cx) loads a V x V block of the source (V source
+    rows, one 16-byte load of V contiguous k each), transposes it in registers and stores V output
+    rows (one 16-byte store of V contiguous columns each). Lanes run along k first, so a warp's loads
+    cover tile_k contiguous elements of several source rows (bf16, tile_k 64: 4 x 128 bytes) and its
+    stores V-column pieces of several output rows (8 x 64 bytes): every 32-byte sector is used whole on
+    both sides, with no shared-memory traffic, bank conflicts or barriers (a shared tile read by
+    16-byte vectors on both sides cannot be padded free of conflicts). One thread block per (expert,
+    tile, k tile, half, column tile); halves and column tiles fastest, so neighbouring blocks fill the
+    same output rows."""
+    from .cpu import pack_block
+
+    sch = _schedule(func, name)
+    blk, tiles = pack_block(sch, name, cfg)
+    v = tiles.vector
+    e, s, t, k, c = sch.get_loops(blk)
+    ko, kx, kv = sch.split(k, [None, tiles.tile_k // v, v])
+    co, cx, cv = sch.split(c, [None, tiles.tile_n // v, v])
+    sch.reorder(e, t, ko, s, co, cx, kx, kv, cv)
+    grid = sch.fuse(e, t, ko, s, co)
+    assert int(sch.get(grid).extent) < 2 ** 31, f"{name}: {sch.get(grid).extent} thread blocks"
+    sch.bind(grid, "blockIdx.x")
+    sch.bind(cx, "threadIdx.y")
+    sch.bind(kx, "threadIdx.x")
+    src = sch.cache_read(blk, 0, "local")  # V source rows x V contiguous k
+    sch.compute_at(src, kx)
+    rows, ks = sch.get_loops(src)[-2:]
+    sch.unroll(rows)
+    sch.vectorize(ks)
+    dst = sch.cache_write(blk, 0, "local")  # V output rows x V contiguous columns
+    sch.reverse_compute_at(dst, kx)
+    rows, cols = sch.get_loops(dst)[-2:]
+    sch.unroll(rows)
+    sch.vectorize(cols)
+    # the transpose itself: register moves (TVM's CUDA codegen cannot build a strided bf16 vector)
+    sch.unroll(kv)
+    sch.unroll(cv)
+    return sch
