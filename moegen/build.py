@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import tempfile
 import time
@@ -34,13 +35,16 @@ def expert_shapes(spec: MoESpec):
                         weight_on_input=spec.router.apply_weight_on_input)
 
 
-def schedule_source(target: TargetInfo, schedules: Path | str | None = None) -> tuple[Path, dict, dict]:
-    """The schedules file a build uses (`schedules`, else schedules/<target>.yaml, else
-    schedules/<family>.yaml), its checked contents, and what the manifest records of it."""
+def schedule_source(target: TargetInfo, schedules: Path | str | None = None,
+                    spec: MoESpec | None = None) -> tuple[Path, dict, dict]:
+    """The schedules file a build uses (`schedules`, else the one tuned for `spec`'s layer shape
+    schedules/<target>/<shape>.yaml, else schedules/<target>.yaml, else schedules/<family>.yaml), its
+    checked contents, and what the manifest records of it."""
     from .artifact import sha256_file
     from .schedule.config import SCHEDULES_DIR, read_schedule, schedule_file
 
-    path = Path(schedules) if schedules is not None else schedule_file(target.name)
+    shapes = expert_shapes(spec) if spec is not None else None
+    path = Path(schedules) if schedules is not None else schedule_file(target.name, shapes)
     data = read_schedule(path)
     try:
         shown = path.resolve().relative_to(SCHEDULES_DIR.parent).as_posix()
@@ -84,7 +88,7 @@ def scheduled_module(spec: MoESpec, target: TargetInfo, schedule: dict | None = 
     shapes = expert_shapes(spec)
     source = target.name
     if schedule is None:
-        path, schedule, _ = schedule_source(target)
+        path, schedule, _ = schedule_source(target, spec=spec)
         source = str(path)
     warps = load_routing_config(target.name, schedule).get("warps_per_block", 0)
 
@@ -158,6 +162,19 @@ def _nvcc_flags(target: TargetInfo) -> list[str]:
             "-gencode", f"arch=compute_{arch},code=sm_{arch}", "-gencode", f"arch=compute_{arch},code=compute_{arch}"]
 
 
+# TVM 0.27's CUDA codegen declares its cp.async helpers with `int` element offsets, e.g.
+#   __device__ void ptx_cp_async_legacy_cg_16_2_2(void* dst, int dst_off, void* src, int src_off)
+# and passes the int64 offset of the global operand through that parameter: past 2**31 elements (a
+# DeepSeek-V3 w13 holds 7.5e9) the address wraps and the kernel reads out of bounds (found on the H100:
+# an illegal memory access in a pipelined candidate). The offsets are widened before nvcc.
+_COPY_HELPER = re.compile(r"(__device__ void ptx_cp_async\w*\(void\* dst, )int( dst_off, void\* src, )int( src_off\))")
+
+
+def widen_copy_offsets(source: str) -> str:
+    """CUDA source with 64-bit offsets in TVM's cp.async helpers (see _COPY_HELPER)."""
+    return _COPY_HELPER.sub(r"\1long long\2long long\3", source)
+
+
 def export_library(ex, target: TargetInfo, out: Path) -> dict:
     """Write out/moe.so (and, for CUDA, the moe.cu it was compiled from); returns how it was compiled."""
     if target.family == "cpu":
@@ -168,7 +185,7 @@ def export_library(ex, target: TargetInfo, out: Path) -> dict:
     import tvm_ffi
     from tvm.backend.cuda import export_cuda_host
 
-    (out / "moe.cu").write_text(export_cuda_host(ex.mod))
+    (out / "moe.cu").write_text(widen_copy_offsets(export_cuda_host(ex.mod)))
     ffi = Path(tvm_ffi.__file__).parent
     cmd = ["nvcc", *_nvcc_flags(target), "-I", str(ffi / "include"), "-o", str(out / "moe.so"), str(out / "moe.cu"),
            "-L", str(ffi / "lib"), "-ltvm_ffi", "-lcudart"]
@@ -259,8 +276,8 @@ def build(spec: MoESpec, target_name: str, out_root: Path, *, golden: bool = Tru
           progress: Callable[[str], None] = lambda msg: None, schedules: Path | str | None = None) -> Path:
     """Build the artifact at out_root/<spec.name>/<target_name> and return that path.
 
-    `schedules`: a schedules YAML to use instead of schedules/<target>.yaml or schedules/<family>.yaml
-    (moegen.schedule.config.read_schedule checks it; ScheduleError before anything is written).
+    `schedules`: a schedules YAML to use instead of the shipped ones (schedule_source) (moegen.schedule.
+    config.read_schedule checks it; ScheduleError before anything is written).
 
     Everything is written into a temporary sibling directory first and renamed into place at the
     end, so a failed build leaves nothing behind and a reader never sees a half-written artifact.
@@ -270,7 +287,7 @@ def build(spec: MoESpec, target_name: str, out_root: Path, *, golden: bool = Tru
     from .schedule.config import load_paths
 
     target = load_target(target_name)
-    sched_path, sched_data, sched_record = schedule_source(target, schedules)
+    sched_path, sched_data, sched_record = schedule_source(target, schedules, spec)
     check_schedule(load_paths(target.name, sched_data), expert_shapes(spec), str(sched_path))
     final = Path(out_root) / spec.name / target.name
     made_parent = not final.parent.exists()

@@ -126,6 +126,10 @@ def test_dynamic_shared_memory_tiles_pass_48_kib(tmp_path):
         assert "extern __shared__" in k and "ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16" in k, fn
         assert "cp.async" in k or "cp_async" in k, fn  # stages > 1: the pipelined copies
         assert f"cudaFuncSetAttribute(::{fn}_kernel, cudaFuncAttributeMaxDynamicSharedMemorySize" in src, fn
+    # TVM declares its cp.async helpers with int offsets: widened (build.widen_copy_offsets), or a
+    # DeepSeek-V3 w13 (7.5e9 elements) wraps past 2**31
+    helpers = [line for line in src.splitlines() if "__device__ void ptx_cp_async" in line]
+    assert helpers and all("long long dst_off" in h and "long long src_off" in h for h in helpers), helpers
 
 
 def test_tensor_intrinsics_tensorize_a_plain_matmul():
