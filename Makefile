@@ -76,8 +76,9 @@ bench-gpu:
 # reference, time it under CUDA graphs, write the winners (Qwen3-30B-A3B: about a minute on an H100):
 #   PYTHONPATH=/tmp/site:. python3 -m moegen.cli tune run gpu-bundle/tune/qwen3-30b-a3b \
 #     --tokens 1,16,64,256,1024,4096 --out gpu-bundle/tune/qwen3-30b-a3b/cuda-sm90.yaml
-# then bring that file back as schedules/cuda-sm90.yaml (builds for cuda-sm90 read it before cuda.yaml)
-# and keep gpu-bundle/tune/<spec>/results.json (every measured time) with the performance notes.
+# then bring that file back as schedules/cuda-sm90/<shape>.yaml (the name tune run prints: builds of that
+# layer shape read it first, then schedules/cuda-sm90.yaml, then cuda.yaml) and keep
+# gpu-bundle/tune/<spec>/results.json (every measured time) in docs/tune/ with the performance notes.
 TUNE_SPECS ?= examples/specs/qwen3-30b-a3b.yaml
 tune-bundle:
 	for s in $(TUNE_SPECS); do $(BIN)/moegen tune build $$s --target $(GPU_TARGET) \

@@ -271,7 +271,7 @@ def _stale_reason(spec: MoESpec, target, path: Path, manifest: dict) -> str | No
     if manifest.get("tvm_version") != tvm.__version__:
         return f"TVM {manifest.get('tvm_version')} != {tvm.__version__}"
     shapes = expert_shapes(spec)
-    want = path_records(load_paths(target.name), shapes)  # schedules/<target>.yaml, else <family>.yaml
+    want = path_records(load_paths(target.name, shapes=shapes), shapes)  # the shipped schedules file
     if manifest["paths"] != want:
         return f"the schedules for {target.name} changed"
     built = (path / "manifest.json").stat().st_mtime

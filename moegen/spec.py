@@ -360,3 +360,10 @@ OPTIONAL_WEIGHTS = {
     "gate": lambda s: ((s.num_experts, s.routed_width), s.dtype),
     "gate_bias": lambda s: ((s.num_experts,), s.dtype),  # gpt-oss router bias
 }
+
+
+def shape_key(local_experts: int, top_k: int, hidden: int, intermediate: int) -> str:
+    """The name of a layer shape's own schedules file, e<El>-k<K>-h<Hp>-i<I>: the widths the expert kernels
+    see (dtype and router options do not change which tiles are fastest). torch-free, TVM-free: the GPU
+    box's `moegen tune run` prints it."""
+    return f"e{local_experts}-k{top_k}-h{hidden}-i{intermediate}"

@@ -552,6 +552,10 @@ def run_tuning(tune_dir: Path | str, tokens: list[int], out_path: Path | str, *,
                                                 pack=doc.get("pack") or {}))
     _table(results, tokens, winners, order, echo)
     echo(f"wrote {out_path} ({len(paths)} paths) and {tune_dir / RESULTS_JSON}")
+    from .spec import shape_key  # (no TVM on the GPU box)
+
+    key = shape_key(spec.local_experts, K, spec.kernel_hidden, spec.local_intermediate)
+    echo(f"builds of this layer shape read it as schedules/{doc['target']}/{key}.yaml")
     return summary
 
 

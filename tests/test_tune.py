@@ -94,7 +94,7 @@ def test_candidates_filtered_by_config_ok_after_fitting():
 def test_shipped_candidate_files_fit_the_real_specs():
     # at most 24: about 0.6 MB per CUDA candidate artifact, and a tune bundle of a few shapes must fit the
     # GPU box's 64 MiB carry
-    for family, n in (("cuda", 22), ("cpu", 9)):
+    for family, n in (("cuda", 21), ("cpu", 9)):
         cfgs = tune.load_candidates_file(tune.CANDIDATES_DIR / f"{family}.yaml")
         assert len(cfgs) == n <= 24
         for name in ("qwen3-30b-a3b", "mixtral-8x7b"):
@@ -299,6 +299,8 @@ def test_tune_run_writes_winners_that_build_and_verify(tuned, tmp_path):
     td, sched, stdout = tuned
     res = json.loads((td / "results.json").read_text())
     assert res["tokens"] == [1, 33] and res["rows_per_expert"] == [0.25, 8.25]
+    # where to ship it (the GPU box has no TVM: the key comes from the spec alone, as builds compute it)
+    assert f"schedules/{DEFAULT_TARGET}/{sc.shape_key(expert_shapes(TINY))}.yaml" in stdout
     assert all(r["status"] == "ok" and len(r["times_us"]) == 2 and r["error"] < res["tolerance"]
                for r in res["candidates"].values())
     def layout(r):
@@ -394,8 +396,33 @@ def test_shipped_gpu_schedules_keep_one_weight_layout():
     one, so a GPU holds a layer's weights once (the CPU file's prefill tile differs: two copies)."""
     from moegen.schedule.config import SCHEDULES_DIR, load_paths
 
-    files = sorted(SCHEDULES_DIR.glob("cuda*.yaml"))
-    assert files
+    from moegen.schedule.config import read_schedule
+
+    files = sorted(SCHEDULES_DIR.glob("cuda*.yaml")) + sorted(SCHEDULES_DIR.glob("cuda*/*.yaml"))
+    assert len(files) > 3  # the family file, sm90's and its per-shape files
     for f in files:
-        layouts = {(p.experts.block_n_up, p.experts.block_n_down) for p in load_paths(f.stem)}
+        layouts = {(p.experts.block_n_up, p.experts.block_n_down) for p in load_paths(f.stem, read_schedule(f))}
         assert len(layouts) == 1, (f.name, layouts)
+
+
+def test_builds_read_the_schedules_tuned_for_their_layer_shape(tmp_path):
+    """schedules/<target>/<shape_key>.yaml (tune run's output for that layer) comes before the target's
+    file; every shipped one is named after the shape of a spec in examples/ or scripts/specs/, and a
+    build of that spec records it in the manifest."""
+    from moegen.build import expert_shapes, schedule_source
+    from moegen.schedule.config import SCHEDULES_DIR, schedule_file, shape_key
+    from moegen.targets import available_targets, load_target
+
+    shipped = sorted(f for t in available_targets() for f in (SCHEDULES_DIR / t).glob("*.yaml"))
+    assert shipped
+    specs = {shape_key(expert_shapes(load_spec(f))): f for d in (SPECS, SPECS.parent.parent / "scripts" / "specs")
+             for f in sorted(d.glob("*.yaml"))}
+    for f in shipped:
+        assert f.stem in specs, f"{f.relative_to(SCHEDULES_DIR)} names no example layer shape"
+        spec = load_spec(specs[f.stem])
+        assert schedule_file(f.parent.name, expert_shapes(spec)) == f
+        path, _, record = schedule_source(load_target(f.parent.name), spec=spec)
+        assert path == f and record["file"] == f"schedules/{f.parent.name}/{f.name}"
+    tiny = expert_shapes(load_spec(SPECS / "tiny.yaml"))
+    assert schedule_file("cuda-sm90", tiny) == SCHEDULES_DIR / "cuda-sm90.yaml"
+    assert schedule_file("cuda-sm80", tiny) == SCHEDULES_DIR / "cuda.yaml"

@@ -216,9 +216,21 @@ class ScheduleError(ValueError):
     """A schedules file that cannot be used: one line naming the file, the field and what is allowed."""
 
 
-def schedule_file(target: str) -> Path:
-    """schedules/<target name>.yaml (tuned for that target) when present, else schedules/<family>.yaml.
-    `target` may also be a family name (cpu, cuda)."""
+def shape_key(shapes: ExpertShapes) -> str:
+    """The name of a layer shape's own schedules file (moegen.spec.shape_key)."""
+    from ..spec import shape_key as key
+
+    return key(shapes.local_experts, shapes.top_k, shapes.hidden, shapes.intermediate)
+
+
+def schedule_file(target: str, shapes: ExpertShapes | None = None) -> Path:
+    """schedules/<target name>/<shape_key>.yaml (tuned for that layer shape on that target, written by
+    `moegen tune run`) when present, else schedules/<target name>.yaml (tuned for that target), else
+    schedules/<family>.yaml. `target` may also be a family name (cpu, cuda)."""
+    if shapes is not None:
+        tuned = SCHEDULES_DIR / target / f"{shape_key(shapes)}.yaml"
+        if tuned.is_file():
+            return tuned
     own = SCHEDULES_DIR / f"{target}.yaml"
     if own.is_file():
         return own
@@ -347,10 +359,10 @@ def pack_config(data: dict[str, Any] | None, source: str) -> PackConfig | None:
     return cfg
 
 
-def load_paths(target: str, data: dict[str, Any] | None = None) -> list[PathConfig]:
-    """Paths for a target (or family) from schedule_file(target) (or `data`), last one unbounded."""
+def load_paths(target: str, data: dict[str, Any] | None = None, shapes: ExpertShapes | None = None) -> list[PathConfig]:
+    """Paths for a target (or family) from schedule_file(target, shapes) (or `data`), last one unbounded."""
     if data is None:
-        return parse_paths(read_schedule(schedule_file(target)), target)
+        return parse_paths(read_schedule(schedule_file(target, shapes)), target)
     return parse_paths(data, target)
 
 
