@@ -8,8 +8,11 @@ Each rule is `apply(func, name, config)`; thread counts and tiles come from `con
 (Weight tile, sorted block) pairs map to thread blocks; blocks past num_blocks exit at once.
 Weight packing (kernels/pack.py, once at load): a register transpose of V x V blocks, 16-byte
 accesses on both sides (`pack`).
-Not done yet (issue 3): wgmma, a pipelined or register-epilogue prefill tile that beats Triton's
-from 256 tokens up, a decode path without the sort (docs/perf.md).
+A decode path without the sort (config.sort false) skips the dispatch kernel: its blocks of another
+EP rank's experts exit with the blocks past num_blocks. Tensor-core tiles may live in dynamic shared
+memory (config.dynamic_smem) to pass 48 KiB.
+Not done yet (issue 3): wgmma, a register-epilogue prefill tile that beats Triton's from 256 tokens up
+(docs/perf.md).
 """
 
 from __future__ import annotations
