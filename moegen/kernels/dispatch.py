@@ -72,13 +72,20 @@ def dispatch_func(num_experts: int, local_experts: int, top_k: int, block_m: int
     return dispatch
 
 
+STAGED_SLOTS_PER_THREAD = 16  # dispatch_threads_func: slots each thread stages per chunk (chunk = 16 x threads)
+
+
 def dispatch_threads_func(num_experts: int, local_experts: int, top_k: int, block_m: int, threads: int):
     """The same contract as dispatch_func, computed by one GPU thread block: thread e owns local
     experts e, e + threads, ...; each scans the slots in order, so the sort stays stable and needs no
-    atomics (O(El * T * K) work spread over El threads, all reading the same slot ids: broadcasts).
+    atomics (O(El * T * K) work spread over El threads). The slots' local experts are staged in shared
+    memory a chunk at a time by all threads (coalesced), so each thread's scan reads shared memory
+    (broadcasts) instead of a dependent pair of global loads per slot: on the H100 those made the
+    dispatch 2.2 ms of Qwen3-30B-A3B's 4.0 ms at 4096 tokens.
     An algorithm for thread-parallel hardware, so it names its threads; CPUs use dispatch_func."""
     d_E, d_El, d_K, d_BM, d_TH = num_experts, local_experts, top_k, block_m, threads
     d_rounds = (d_El + d_TH - 1) // d_TH  # experts per thread
+    d_CH = STAGED_SLOTS_PER_THREAD * d_TH  # slots per staged chunk
     tok = token_var()
     n_slots = tok * d_K
     n_blocks = (n_slots + (d_BM - 1)) // d_BM + d_El
@@ -98,13 +105,20 @@ def dispatch_threads_func(num_experts: int, local_experts: int, top_k: int, bloc
         bx = T.launch_thread("blockIdx.x", 1)
         tx = T.launch_thread("threadIdx.x", d_TH)
         cur = T.alloc_buffer((1,), "int64", scope="local")
+        loc = T.alloc_buffer((d_CH,), "int32", scope="shared")  # local experts of one chunk of slots
+        mine = T.alloc_buffer((1,), "int32", scope="local")  # loc[i], read into a register first
         # 1. each thread counts its experts' slots
         for r in range(d_rounds):
+            cur[0] = T.int64(0)
+            for c in range((n_slots + (d_CH - 1)) // d_CH):
+                _stage_chunk(c, d_CH, d_TH, d_K, tx, n_slots, loc, topk_ids, expert_map)
+                if r * d_TH + tx < d_El:
+                    for i in range(T.min(T.int64(d_CH), n_slots - c * d_CH)):  # the chunk's slots
+                        mine[0] = loc[i]
+                        if mine[0] == r * d_TH + tx:
+                            cur[0] = cur[0] + T.int64(1)
+                T.tvm_storage_sync("shared")
             if r * d_TH + tx < d_El:
-                cur[0] = T.int64(0)
-                for s in range(n_slots):
-                    if expert_map[topk_ids[s // d_K, s % d_K]] == r * d_TH + tx:
-                        cur[0] = cur[0] + T.int64(1)
                 counts[r * d_TH + tx] = T.Cast("int32", cur[0])
         T.tvm_storage_sync("shared")
         # 2. padded offsets: a prefix sum over El (one thread; El is at most a few hundred)
@@ -130,12 +144,30 @@ def dispatch_threads_func(num_experts: int, local_experts: int, top_k: int, bloc
         for r in range(d_rounds):
             if r * d_TH + tx < d_El:
                 cur[0] = offsets[r * d_TH + tx]
-                for s in range(n_slots):
-                    if expert_map[topk_ids[s // d_K, s % d_K]] == r * d_TH + tx:
-                        sorted_ids[cur[0]] = T.Cast("int32", s)
-                        slot_pos[s] = T.Cast("int32", cur[0])
-                        cur[0] = cur[0] + T.int64(1)
+            for c in range((n_slots + (d_CH - 1)) // d_CH):
+                _stage_chunk(c, d_CH, d_TH, d_K, tx, n_slots, loc, topk_ids, expert_map)
+                if r * d_TH + tx < d_El:
+                    for i in range(T.min(T.int64(d_CH), n_slots - c * d_CH)):  # the chunk's slots
+                        mine[0] = loc[i]
+                        if mine[0] == r * d_TH + tx:
+                            sorted_ids[cur[0]] = T.Cast("int32", c * d_CH + i)
+                            slot_pos[c * d_CH + i] = T.Cast("int32", cur[0])
+                            cur[0] = cur[0] + T.int64(1)
+                T.tvm_storage_sync("shared")
+            if r * d_TH + tx < d_El:
                 for b in range(offsets[r * d_TH + tx] // d_BM, offsets[r * d_TH + tx + 1] // d_BM):
                     block_expert[b] = r * d_TH + tx
 
     return dispatch
+
+
+@T.macro
+def _stage_chunk(c, CH, TH, K, tx, n_slots, loc, topk_ids, expert_map):
+    """loc[i] = the local expert of slot c*CH + i (-2 past the last slot: no thread's expert, and not
+    the -1 of another rank's), all threads of the block, then a barrier."""
+    for j in range(CH // TH):
+        if c * CH + j * TH + tx < n_slots:
+            loc[j * TH + tx] = expert_map[topk_ids[(c * CH + j * TH + tx) // K, (c * CH + j * TH + tx) % K]]
+        else:
+            loc[j * TH + tx] = -2
+    T.tvm_storage_sync("shared")
