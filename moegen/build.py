@@ -94,7 +94,7 @@ def scheduled_module(spec: MoESpec, target: TargetInfo, schedule: dict | None = 
 
     def routing(name: str, dispatch: bool = False):
         """routing, or with dispatch the route_dispatch of a path without the sort"""
-        if warps and not spec.router.grouped:  # GPUs: a warp per token (kernels/routing.py)
+        if warps:  # GPUs: a warp per token (kernels/routing.py)
             return rule.routing_warps(kr.routing_warp_func(
                 spec.num_experts, spec.top_k, spec.router, warps, dispatch), name)
         return rule.routing(kr.routing_func(spec.num_experts, spec.top_k, spec.router, dispatch), name)

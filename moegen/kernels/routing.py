@@ -161,10 +161,14 @@ def routing_func(num_experts: int, top_k: int, router: RouterSpec, dispatch: boo
 def routing_warp_func(num_experts: int, top_k: int, router: RouterSpec, warps: int, dispatch: bool = False):
     """The same contract as routing_func, one warp per token: lane l holds experts l, l + 32, ...;
     maxima, sums and each of the K argmaxes are warp shuffles (ties: the lower index, as routing_func).
-    An algorithm for 32-lane hardware, so it names its threads. Grouped top-k is not covered: those
-    specs use routing_func. dispatch: `route_dispatch`, as routing_func."""
-    assert not router.grouped, "grouped top-k routes with routing_func"
+    Grouped top-k: each group's top one or two choices are a warp merge of the lanes' own, the TG kept
+    groups a serial pick every lane repeats (G is small). An algorithm for 32-lane hardware, so it names
+    its threads. dispatch: `route_dispatch`, as routing_func."""
     w_E, w_K, w_W = num_experts, top_k, warps
+    w_grouped = router.grouped
+    w_G = router.num_expert_group if w_grouped else 1
+    w_TG = router.topk_group if w_grouped else 1
+    w_EG = w_E // w_G
     w_dispatch = dispatch
     w_L = (w_E + 31) // 32  # experts per lane
     w_softmax = router.scoring == "softmax"
@@ -183,6 +187,8 @@ def routing_warp_func(num_experts: int, top_k: int, router: RouterSpec, warps: i
         tk = T.alloc_buffer((w_L,), "int32", scope="local")
         red = T.alloc_buffer((6,), "float32", scope="local")  # max, sum, best choice, its score, picked sum, tmp
         idx = T.alloc_buffer((2,), "int32", scope="local")  # best expert, tmp
+        gscore = T.alloc_buffer((w_G,), "float32", scope="local")  # grouped: each group's score
+        gkeep = T.alloc_buffer((w_G,), "int32", scope="local")  # grouped: 1 for the TG kept groups
         if bx * w_W + ty < tok:
             for j in range(w_L):
                 if j * 32 + tx < w_E:
@@ -214,6 +220,42 @@ def routing_warp_func(num_experts: int, top_k: int, router: RouterSpec, warps: i
                     ch[j] = sc[j] + T.if_then_else(j * 32 + tx < w_E, bias[T.min(j * 32 + tx, w_E - 1)], T.float32(0))
                 else:
                     ch[j] = sc[j]
+            if w_grouped:  # keep the TG best groups, mask the rest out of the choice (as routing_func)
+                for g in range(w_G):
+                    red[0] = T.float32(NEG_INF)  # the group's best choice, then its second
+                    red[2] = T.float32(NEG_INF)
+                    for j in range(w_L):
+                        if tk[j] == 0:
+                            if (j * 32 + tx) // w_EG == g:
+                                if ch[j] > red[0]:
+                                    red[2] = red[0]
+                                    red[0] = ch[j]
+                                elif ch[j] > red[2]:
+                                    red[2] = ch[j]
+                    for o in range(5):  # merge two lanes' top two: the top two of the four
+                        red[5] = T.tvm_warp_shuffle_xor(T.uint32(0xFFFFFFFF), red[0], 16 >> o, 32, 32)
+                        red[1] = T.tvm_warp_shuffle_xor(T.uint32(0xFFFFFFFF), red[2], 16 >> o, 32, 32)
+                        red[3] = T.max(T.min(red[0], red[5]), T.max(red[2], red[1]))
+                        red[0] = T.max(red[0], red[5])
+                        red[2] = red[3]
+                    if w_use_bias and w_EG > 1:
+                        gscore[g] = red[0] + red[2]  # DeepSeek-V3: sum of the group's top two
+                    else:
+                        gscore[g] = red[0]
+                    gkeep[g] = 0
+                for _r in range(w_TG):
+                    idx[0] = -1
+                    for g in range(w_G):
+                        if gkeep[g] == 0:
+                            if idx[0] < 0:
+                                idx[0] = g
+                            elif gscore[g] > gscore[idx[0]]:
+                                idx[0] = g
+                    gkeep[idx[0]] = 1
+                for j in range(w_L):
+                    if tk[j] == 0:
+                        if gkeep[(j * 32 + tx) // w_EG] == 0:
+                            ch[j] = T.float32(NEG_INF)
             red[4] = T.float32(0)
             for k in range(w_K):
                 red[2] = T.float32(NEG_INF)
