@@ -73,6 +73,7 @@ def dispatch_func(num_experts: int, local_experts: int, top_k: int, block_m: int
 
 
 STAGED_SLOTS_PER_THREAD = 16  # dispatch_threads_func: slots each thread stages per chunk (chunk = 16 x threads)
+SCAN_UNROLL = 8  # dispatch_threads_func: staged slots each thread reads before comparing them (loads in flight)
 
 
 def dispatch_threads_func(num_experts: int, local_experts: int, top_k: int, block_m: int, threads: int):
@@ -86,6 +87,7 @@ def dispatch_threads_func(num_experts: int, local_experts: int, top_k: int, bloc
     d_E, d_El, d_K, d_BM, d_TH = num_experts, local_experts, top_k, block_m, threads
     d_rounds = (d_El + d_TH - 1) // d_TH  # experts per thread
     d_CH = STAGED_SLOTS_PER_THREAD * d_TH  # slots per staged chunk
+    d_U = SCAN_UNROLL  # (divides d_CH: the chunk is padded with -2, so a scan may overrun the last slot)
     tok = token_var()
     n_slots = tok * d_K
     n_blocks = (n_slots + (d_BM - 1)) // d_BM + d_El
@@ -106,17 +108,18 @@ def dispatch_threads_func(num_experts: int, local_experts: int, top_k: int, bloc
         tx = T.launch_thread("threadIdx.x", d_TH)
         cur = T.alloc_buffer((1,), "int64", scope="local")
         loc = T.alloc_buffer((d_CH,), "int32", scope="shared")  # local experts of one chunk of slots
-        mine = T.alloc_buffer((1,), "int32", scope="local")  # loc[i], read into a register first
+        mine = T.alloc_buffer((d_U,), "int32", scope="local")  # d_U staged slots, read into registers first
         # 1. each thread counts its experts' slots
         for r in range(d_rounds):
             cur[0] = T.int64(0)
             for c in range((n_slots + (d_CH - 1)) // d_CH):
                 _stage_chunk(c, d_CH, d_TH, d_K, tx, n_slots, loc, topk_ids, expert_map)
                 if r * d_TH + tx < d_El:
-                    for i in range(T.min(T.int64(d_CH), n_slots - c * d_CH)):  # the chunk's slots
-                        mine[0] = loc[i]
-                        if mine[0] == r * d_TH + tx:
-                            cur[0] = cur[0] + T.int64(1)
+                    for i in range((T.min(T.int64(d_CH), n_slots - c * d_CH) + (d_U - 1)) // d_U):  # the chunk's slots
+                        for u in T.unroll(d_U):
+                            mine[u] = loc[i * d_U + u]
+                        for u in T.unroll(d_U):
+                            cur[0] = cur[0] + T.Cast("int64", mine[u] == r * d_TH + tx)
                 T.tvm_storage_sync("shared")
             if r * d_TH + tx < d_El:
                 counts[r * d_TH + tx] = T.Cast("int32", cur[0])
@@ -147,12 +150,14 @@ def dispatch_threads_func(num_experts: int, local_experts: int, top_k: int, bloc
             for c in range((n_slots + (d_CH - 1)) // d_CH):
                 _stage_chunk(c, d_CH, d_TH, d_K, tx, n_slots, loc, topk_ids, expert_map)
                 if r * d_TH + tx < d_El:
-                    for i in range(T.min(T.int64(d_CH), n_slots - c * d_CH)):  # the chunk's slots
-                        mine[0] = loc[i]
-                        if mine[0] == r * d_TH + tx:
-                            sorted_ids[cur[0]] = T.Cast("int32", c * d_CH + i)
-                            slot_pos[c * d_CH + i] = T.Cast("int32", cur[0])
-                            cur[0] = cur[0] + T.int64(1)
+                    for i in range((T.min(T.int64(d_CH), n_slots - c * d_CH) + (d_U - 1)) // d_U):  # the chunk's slots
+                        for u in T.unroll(d_U):
+                            mine[u] = loc[i * d_U + u]
+                        for u in T.unroll(d_U):
+                            if mine[u] == r * d_TH + tx:
+                                sorted_ids[cur[0]] = T.Cast("int32", c * d_CH + i * d_U + u)
+                                slot_pos[c * d_CH + i * d_U + u] = T.Cast("int32", cur[0])
+                                cur[0] = cur[0] + T.int64(1)
                 T.tvm_storage_sync("shared")
             if r * d_TH + tx < d_El:
                 for b in range(offsets[r * d_TH + tx] // d_BM, offsets[r * d_TH + tx + 1] // d_BM):
