@@ -88,6 +88,7 @@ def dispatch_threads_func(num_experts: int, local_experts: int, top_k: int, bloc
     d_rounds = (d_El + d_TH - 1) // d_TH  # experts per thread
     d_CH = STAGED_SLOTS_PER_THREAD * d_TH  # slots per staged chunk
     d_U = SCAN_UNROLL  # (divides d_CH: the chunk is padded with -2, so a scan may overrun the last slot)
+    d_SPT = STAGED_SLOTS_PER_THREAD
     tok = token_var()
     n_slots = tok * d_K
     n_blocks = (n_slots + (d_BM - 1)) // d_BM + d_El
@@ -109,11 +110,15 @@ def dispatch_threads_func(num_experts: int, local_experts: int, top_k: int, bloc
         cur = T.alloc_buffer((1,), "int64", scope="local")
         loc = T.alloc_buffer((d_CH,), "int32", scope="shared")  # local experts of one chunk of slots
         mine = T.alloc_buffer((d_U,), "int32", scope="local")  # d_U staged slots, read into registers first
+        ids = T.alloc_buffer((d_SPT,), "int32", scope="local")  # this thread's share of a chunk, staging
+        cnt = T.alloc_buffer((d_El,), "int64", scope="shared")  # counts
+        off = T.alloc_buffer((d_El + 1,), "int64", scope="shared")  # padded offsets
+        run = T.alloc_buffer((1,), "int64", scope="local")  # the prefix sum's running total
         # 1. each thread counts its experts' slots
         for r in range(d_rounds):
             cur[0] = T.int64(0)
             for c in range((n_slots + (d_CH - 1)) // d_CH):
-                _stage_chunk(c, d_CH, d_TH, d_K, tx, n_slots, loc, topk_ids, expert_map)
+                _stage_chunk(c, d_CH, d_TH, d_K, tx, n_slots, loc, ids, topk_ids, expert_map, slot_pos, False)
                 if r * d_TH + tx < d_El:
                     for i in range((T.min(T.int64(d_CH), n_slots - c * d_CH) + (d_U - 1)) // d_U):  # the chunk's slots
                         for u in T.unroll(d_U):
@@ -123,14 +128,21 @@ def dispatch_threads_func(num_experts: int, local_experts: int, top_k: int, bloc
                 T.tvm_storage_sync("shared")
             if r * d_TH + tx < d_El:
                 counts[r * d_TH + tx] = T.Cast("int32", cur[0])
+                cnt[r * d_TH + tx] = cur[0]
         T.tvm_storage_sync("shared")
-        # 2. padded offsets: a prefix sum over El (one thread; El is at most a few hundred)
+        # 2. padded offsets: a prefix sum over El in shared memory (one thread; El is at most a few
+        # hundred), then copied out by all
         if tx == 0:
-            offsets[0] = T.int64(0)
+            run[0] = T.int64(0)
+            off[0] = T.int64(0)
             for e in range(d_El):
-                offsets[e + 1] = offsets[e] + T.Cast("int64", (counts[e] + (d_BM - 1)) // d_BM * d_BM)
-            num_blocks[0] = T.Cast("int32", offsets[d_El] // d_BM)
+                run[0] = run[0] + (cnt[e] + (d_BM - 1)) // d_BM * d_BM
+                off[e + 1] = run[0]
+            num_blocks[0] = T.Cast("int32", run[0] // d_BM)
         T.tvm_storage_sync("shared")
+        for r in range((d_El + 1 + (d_TH - 1)) // d_TH):
+            if r * d_TH + tx < d_El + 1:
+                offsets[r * d_TH + tx] = off[r * d_TH + tx]
         # 3. padding rows and unused blocks, every thread a stride of them
         for r in range((n_blocks * d_BM + (d_TH - 1)) // d_TH):
             if r * d_TH + tx < n_blocks * d_BM:
@@ -138,17 +150,14 @@ def dispatch_threads_func(num_experts: int, local_experts: int, top_k: int, bloc
         for r in range((n_blocks + (d_TH - 1)) // d_TH):
             if r * d_TH + tx < n_blocks:
                 block_expert[r * d_TH + tx] = -1
-        for r in range((n_slots + (d_TH - 1)) // d_TH):
-            if r * d_TH + tx < n_slots:
-                if expert_map[topk_ids[(r * d_TH + tx) // d_K, (r * d_TH + tx) % d_K]] < 0:
-                    slot_pos[r * d_TH + tx] = -1
         T.tvm_storage_sync("shared")
-        # 4. each thread places its experts' slots in ascending order and names its blocks
+        # 4. each thread places its experts' slots in ascending order and names its blocks (the staging
+        # marks the slots of other EP ranks' experts: slot_pos -1)
         for r in range(d_rounds):
             if r * d_TH + tx < d_El:
-                cur[0] = offsets[r * d_TH + tx]
+                cur[0] = off[r * d_TH + tx]
             for c in range((n_slots + (d_CH - 1)) // d_CH):
-                _stage_chunk(c, d_CH, d_TH, d_K, tx, n_slots, loc, topk_ids, expert_map)
+                _stage_chunk(c, d_CH, d_TH, d_K, tx, n_slots, loc, ids, topk_ids, expert_map, slot_pos, True)
                 if r * d_TH + tx < d_El:
                     for i in range((T.min(T.int64(d_CH), n_slots - c * d_CH) + (d_U - 1)) // d_U):  # the chunk's slots
                         for u in T.unroll(d_U):
@@ -160,19 +169,32 @@ def dispatch_threads_func(num_experts: int, local_experts: int, top_k: int, bloc
                                 cur[0] = cur[0] + T.int64(1)
                 T.tvm_storage_sync("shared")
             if r * d_TH + tx < d_El:
-                for b in range(offsets[r * d_TH + tx] // d_BM, offsets[r * d_TH + tx + 1] // d_BM):
+                cur[0] = off[r * d_TH + tx]  # (shared memory into registers: loop bounds cannot read it)
+                run[0] = off[r * d_TH + tx + 1]
+                for b in range(cur[0] // d_BM, run[0] // d_BM):
                     block_expert[b] = r * d_TH + tx
 
     return dispatch
 
 
 @T.macro
-def _stage_chunk(c, CH, TH, K, tx, n_slots, loc, topk_ids, expert_map):
+def _stage_chunk(c, CH, TH, K, tx, n_slots, loc, ids, topk_ids, expert_map, slot_pos, mark_foreign):
     """loc[i] = the local expert of slot c*CH + i (-2 past the last slot: no thread's expert, and not
-    the -1 of another rank's), all threads of the block, then a barrier."""
-    for j in range(CH // TH):
+    the -1 of another rank's), all threads of the block, then a barrier. Each thread loads its share of
+    topk ids first, then their experts, so its loads are in flight together. mark_foreign: slot_pos -1
+    for the slots of other EP ranks' experts."""
+    for j in T.unroll(CH // TH):
         if c * CH + j * TH + tx < n_slots:
-            loc[j * TH + tx] = expert_map[topk_ids[(c * CH + j * TH + tx) // K, (c * CH + j * TH + tx) % K]]
+            ids[j] = topk_ids[(c * CH + j * TH + tx) // K, (c * CH + j * TH + tx) % K]
         else:
-            loc[j * TH + tx] = -2
+            ids[j] = -1
+    for j in T.unroll(CH // TH):
+        if ids[j] >= 0:
+            ids[j] = expert_map[ids[j]]
+            if mark_foreign:
+                if ids[j] < 0:
+                    slot_pos[c * CH + j * TH + tx] = -1
+        else:
+            ids[j] = -2
+        loc[j * TH + tx] = ids[j]
     T.tvm_storage_sync("shared")
