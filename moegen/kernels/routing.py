@@ -25,6 +25,31 @@ NEG_INF = -3.0e38  # finite stand-in for -inf: masked choices stay comparable
 
 
 @T.macro
+def _group_score(g, top, second, top_two: bool, gscore, gkeep):
+    """Group g's score from its best and second-best choice: their sum (DeepSeek-V3, with a correction
+    bias), else the best; the group starts not kept."""
+    if top_two:
+        gscore[g] = top + second
+    else:
+        gscore[g] = top
+    gkeep[g] = 0
+
+
+@T.macro
+def _keep_best_groups(G, TG, gscore, gkeep, best):
+    """gkeep[g] = 1 for the TG best-scoring of G groups (ties: the lower index), serially."""
+    for _r in range(TG):
+        best[0] = -1
+        for g in range(G):
+            if gkeep[g] == 0:
+                if best[0] < 0:
+                    best[0] = g
+                elif gscore[g] > gscore[best[0]]:
+                    best[0] = g
+        gkeep[best[0]] = 1
+
+
+@T.macro
 def _identity_dispatch(vt, k, K, tok, expert_map, topk_ids, sorted_ids, block_expert, num_blocks, slot_pos):
     sorted_ids[vt * K + k] = T.Cast("int32", vt * K + k)
     block_expert[vt * K + k] = expert_map[topk_ids[vt, k]]
@@ -102,20 +127,8 @@ def routing_func(num_experts: int, top_k: int, router: RouterSpec, dispatch: boo
                                 acc[0] = choice[g * r_EG + j]
                             elif choice[g * r_EG + j] > acc[2]:
                                 acc[2] = choice[g * r_EG + j]
-                        if r_use_bias and r_EG > 1:
-                            gscore[g] = acc[0] + acc[2]  # DeepSeek-V3: sum of the group's top two
-                        else:
-                            gscore[g] = acc[0]
-                        gkeep[g] = 0
-                    for _r in range(r_TG):
-                        best[0] = -1
-                        for g in range(r_G):
-                            if gkeep[g] == 0:
-                                if best[0] < 0:
-                                    best[0] = g
-                                elif gscore[g] > gscore[best[0]]:
-                                    best[0] = g
-                        gkeep[best[0]] = 1
+                        _group_score(g, acc[0], acc[2], r_use_bias and r_EG > 1, gscore, gkeep)
+                    _keep_best_groups(r_G, r_TG, gscore, gkeep, best)
                     for e in range(r_E):
                         if gkeep[e // r_EG] == 0:
                             choice[e] = T.float32(NEG_INF)
@@ -238,20 +251,8 @@ def routing_warp_func(num_experts: int, top_k: int, router: RouterSpec, warps: i
                         red[3] = T.max(T.min(red[0], red[5]), T.max(red[2], red[1]))
                         red[0] = T.max(red[0], red[5])
                         red[2] = red[3]
-                    if w_use_bias and w_EG > 1:
-                        gscore[g] = red[0] + red[2]  # DeepSeek-V3: sum of the group's top two
-                    else:
-                        gscore[g] = red[0]
-                    gkeep[g] = 0
-                for _r in range(w_TG):
-                    idx[0] = -1
-                    for g in range(w_G):
-                        if gkeep[g] == 0:
-                            if idx[0] < 0:
-                                idx[0] = g
-                            elif gscore[g] > gscore[idx[0]]:
-                                idx[0] = g
-                    gkeep[idx[0]] = 1
+                    _group_score(g, red[0], red[2], w_use_bias and w_EG > 1, gscore, gkeep)
+                _keep_best_groups(w_G, w_TG, gscore, gkeep, idx)
                 for j in range(w_L):
                     if tk[j] == 0:
                         if gkeep[(j * 32 + tx) // w_EG] == 0:
