@@ -628,6 +628,12 @@ def test_mma_configs_are_checked_and_fall_back_where_tensor_cores_cannot_tile():
     assert "needs float16 or bfloat16" in config_ok(good, dataclasses.replace(sh, dtype="float32"))
     assert not fit_config(good, dataclasses.replace(sh, dtype="float32")).mma
     assert not fit_config(good, dataclasses.replace(sh, hidden=200, intermediate=72)).mma
+    # a block_k that divides neither reduction shrinks to a fragment multiple that does (gpt-oss-20b's
+    # I 2880 and Hp 3072: gcd 192, block_k 128 -> 96), keeping the tensor cores
+    oss = dataclasses.replace(sh, hidden=3072, intermediate=2880)
+    fitted = fit_config(dataclasses.replace(good, block_k=128), oss)
+    assert fitted.mma and fitted.block_k == 96 and config_ok(fitted, oss) is None
+    assert fit_config(dataclasses.replace(good, block_k=64), oss).block_k == 64  # divides: unchanged
 
 
 def test_vector_load_configs_are_checked_and_fitted():

@@ -204,6 +204,13 @@ def fit_config(cfg: ExpertsConfig, shapes: ExpertShapes) -> ExpertsConfig:
         fitted = dataclasses.replace(fitted, block_n_up=2 * _fit(shapes.intermediate, cfg.block_n_up // 2))
     if fitted.vector_loads and config_ok(fitted, shapes) is not None:
         fitted = dataclasses.replace(fitted, vector_loads=False)  # widths that do not split into vectors
+    if fitted.mma:
+        # the reduction step: a multiple of two fragments dividing both reductions (gpt-oss-20b's I 2880
+        # takes no block_k 128: 96 keeps the tensor cores, where the fallback below measured 50 ms);
+        # at least two fragments, as in every build verified on the H100 (block_k 16 never ran there)
+        g, step = math.gcd(shapes.hidden, shapes.intermediate), 2 * MMA_FRAG
+        if g % step == 0:
+            fitted = dataclasses.replace(fitted, block_k=_fit(g, max(cfg.block_k, step), step))
     if fitted.mma and config_ok(fitted, shapes) is not None:
         # widths or dtype tensor cores cannot tile (irregular test sizes, fp32): CUDA-core arithmetic
         fitted = dataclasses.replace(fitted, mma=False)
