@@ -15,14 +15,14 @@ import pytest
 import torch
 import yaml
 
-from conftest import DEFAULT_TARGET, SPECS
+from conftest import DEFAULT_TARGET
 from moegen import reference as R
 from moegen.artifact import TOLERANCES, read_manifest
 from moegen.kernels.experts import ExpertShapes
 from moegen.kernels.routing import routing_func
 from moegen.runtime import MoERunner
 from moegen.schedule.config import ExpertsConfig, config_ok
-from moegen.spec import RouterSpec, load_spec, parse_spec
+from moegen.spec import RouterSpec, parse_spec
 from test_kernels import CPU, compile_one, rel, tie_free_logits
 
 TOKENS = (1, 3, 17, 130)
@@ -107,7 +107,7 @@ def test_artifact_has_route_dispatch_and_no_dispatch_for_the_unsorted_path(nosor
 
 
 @pytest.mark.parametrize("ep,placement", [(1, "linear"), (2, "linear"), (2, "round_robin")])
-def test_unsorted_path_matches_the_layer_reference(ep, placement, nosort_build, monkeypatch):
+def test_unsorted_path_matches_the_layer_reference(ep, placement, nosort_build):
     spec = _spec(f"nosort-ep{ep}-{placement}", ep_size=ep, expert_placement=placement)
     root = nosort_build(spec)
     weights = R.random_weights(spec, seed=3)

@@ -20,7 +20,7 @@ from __future__ import annotations
 import tvm
 from tvm import s_tir
 
-from .config import ExpertsConfig, PackConfig, fit_pack
+from .config import ExpertsConfig, PackConfig
 from .cpu import _schedule
 
 
