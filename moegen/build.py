@@ -107,8 +107,13 @@ def scheduled_module(spec: MoESpec, target: TargetInfo, schedule: dict | None = 
         cfg = ExpertsConfig(**p["config"])
         bm = cfg.block_m
         name = p["name"]
+        y_dtype = spec.dtype if cfg.y_model_dtype else "float32"  # the down GEMM's scratch rows
         if not cfg.sort:  # routing writes the dispatch buffers: no dispatch kernel
             funcs[f"route_dispatch_{name}"] = routing(f"route_dispatch_{name}", dispatch=True)
+        elif cfg.dispatch_tile:  # GPUs: count, scan and place kernels over tiles of slots (kernels/dispatch.py)
+            for part, func in zip(("count", "scan", "place"), kd.dispatch_tiles_funcs(
+                    spec.num_experts, spec.local_experts, spec.top_k, bm, cfg.dispatch_threads, cfg.dispatch_tile)):
+                funcs[f"dispatch_{part}_{name}"] = rule.dispatch_threads(func, f"dispatch_{part}_{name}")
         elif cfg.dispatch_threads:  # GPUs: one thread block, a thread per expert (kernels/dispatch.py)
             funcs[f"dispatch_{name}"] = rule.dispatch_threads(kd.dispatch_threads_func(
                 spec.num_experts, spec.local_experts, spec.top_k, bm, cfg.dispatch_threads), f"dispatch_{name}")
@@ -121,9 +126,10 @@ def scheduled_module(spec: MoESpec, target: TargetInfo, schedule: dict | None = 
             f"experts_up_{name}", cfg)
         funcs[f"experts_down_{name}"] = rule.experts_down(
             ke.experts_down_func(shapes, bm, cfg.block_n_down, cfg.grid_blocks, cfg.mma, cfg.vector_loads,
-                                 not cfg.sort),
+                                 not cfg.sort, y_dtype),
             f"experts_down_{name}", cfg)
-        funcs[f"combine_{name}"] = rule.combine(ke.combine_func(shapes, bm, not cfg.sort), f"combine_{name}", cfg)
+        funcs[f"combine_{name}"] = rule.combine(ke.combine_func(shapes, bm, not cfg.sort, y_dtype), f"combine_{name}",
+                                                cfg)
     pack = pack_config(schedule, source)
     for p in paths if pack is not None else ():  # paths often share a layout: one kernel per width
         up, down = p["config"]["block_n_up"], p["config"]["block_n_down"]

@@ -54,6 +54,25 @@ def max_blocks(num_tokens: int, top_k: int, local_experts: int, block_m: int, so
     return -(-num_tokens * top_k // block_m) + local_experts
 
 
+def tile_counts_size(num_tokens: int, top_k: int, local_experts: int, tile: int) -> int:
+    """Elements of the multi-block dispatch's scratch (kernels.dispatch.dispatch_tiles_funcs):
+    NT * El, NT = ceil(T * K / tile) tiles of slots."""
+    return -(-num_tokens * top_k // tile) * local_experts
+
+
+def tile_counts_ref(topk_ids: torch.Tensor, expert_map: torch.Tensor, local_experts: int,
+                    tile: int) -> torch.Tensor:
+    """What the multi-block dispatch leaves in its scratch: [NT * El] int32, entry t * El + e = the slots
+    of local expert e in the tiles before tile t (tiles of `tile` consecutive slots)."""
+    local = expert_map.long()[topk_ids.reshape(-1).long()]  # [S]
+    n = -(-local.numel() // tile)
+    per_tile = torch.zeros(n, local_experts, dtype=torch.int64)
+    valid = local >= 0
+    tiles = torch.arange(local.numel()) // tile
+    per_tile.index_put_((tiles[valid], local[valid]), torch.ones_like(local[valid]), accumulate=True)
+    return (per_tile.cumsum(0) - per_tile).reshape(-1).to(torch.int32)
+
+
 def dispatch_ref(topk_ids: torch.Tensor, expert_map: torch.Tensor, local_experts: int,
                  block_m: int) -> dict[str, torch.Tensor]:
     """Group the T*K slots by local expert, each expert's rows padded to a multiple of BM.

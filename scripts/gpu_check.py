@@ -150,6 +150,49 @@ for root in sorted(ART.glob("*/cuda-sm90")):
 if not PACK_CHECKED:
     print("packing check: no real-size artifact in the bundle (deepseek-v3 is in scripts/specs)", flush=True)
 
+
+
+def check_dispatch(root: Path) -> bool:
+    """The multi-block dispatch (config.dispatch_tile: count, scan and place kernels) of every path of
+    the artifact that has one, on random top-k ids, against reference.dispatch_ref exactly (every
+    buffer), and its tile_counts scratch against reference.tile_counts_ref; with all experts local and
+    with every third expert another rank's (expert_map -1)."""
+    from moegen.reference import dispatch_ref, tile_counts_ref, tile_counts_size
+
+    spec = spec_from_dict(read_manifest(root)["spec"])
+    r = MoERunner.load(root, random_weights(spec, 2), device="cuda")
+    E, El, K = spec.num_experts, spec.local_experts, spec.top_k
+    foreign = torch.arange(E, dtype=torch.int32)
+    foreign[::3] = -1
+    foreign[foreign >= 0] = torch.arange(int((foreign >= 0).sum()), dtype=torch.int32)  # local ids < El
+    ok = True
+    for path in (p for p in r.paths if p["config"].get("dispatch_tile")):
+        for T in (1, 7, 129, 1000, 4096):
+            for emap in (r.expert_map.cpu(), foreign):
+                b = r._staging(path, T)
+                ids = torch.stack([torch.randperm(E)[:K] for _ in range(T)]).to(torch.int32)
+                b["ids"].copy_(ids)
+                with r._stream():
+                    r._dispatch(path, b, emap.cuda())
+                want = dispatch_ref(ids, emap, El, path["config"]["block_m"])
+                bad = [k for k, v in want.items() if not torch.equal(b[k].cpu(), v)]
+                n = tile_counts_size(T, K, El, path["config"]["dispatch_tile"])
+                if not torch.equal(b["tile_counts"][:n].cpu(), tile_counts_ref(ids, emap, El, path["config"]["dispatch_tile"])):
+                    bad.append("tile_counts")
+                ok &= not bad
+                print(f"  dispatch {path['name']} T={T} {'EP map' if emap is foreign else 'local'}: "
+                      f"{'FAIL ' + ','.join(bad) if bad else 'equal to dispatch_ref ok'}", flush=True)
+    del r
+    return ok
+
+
+for root in sorted(ART.glob("*/cuda-sm90")):
+    paths = read_manifest(root)["paths"]
+    spec = spec_from_dict(read_manifest(root)["spec"])
+    if any(p["config"].get("dispatch_tile") for p in paths) and weight_bytes(spec) <= REAL_BYTES \
+            and spec.parallel.tp_size * spec.parallel.ep_size == 1:
+        results[f"{root.parent.name} (dispatch kernels)"] = check_dispatch(root)
+
 # CUDA graph capture: replay equals eager; load + first forward (on the first small artifact there is)
 root = next((r for r in (ART / n / "cuda-sm90" for n in ("deepseek-v3-small", "tiny")) if r.exists()), None)
 if root is None:

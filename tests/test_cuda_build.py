@@ -171,6 +171,47 @@ def test_tensor_intrinsics_tensorize_a_plain_matmul():
         tensor_intrin.names("float32")
 
 
+def test_sorted_paths_dispatch_over_tiles_and_raster_the_grid(artifact, tmp_path):
+    """schedules/cuda-sm90.yaml: the sorted paths dispatch in three kernels over tiles of slots
+    (dispatch_tile; no one-block dispatch left), and the prefill path's GEMMs raster their grid in groups
+    of group_m sorted blocks: the sorted block is blockIdx.y * G + blockIdx.x % G, the weight tile
+    blockIdx.x / G, and the num_blocks guard on that block comes before any shared-memory load. (The
+    dispatch buffers are checked equal to dispatch_ref on a GPU: scripts/gpu_check.py.)"""
+    root = artifact("tiny", "cuda-sm90")
+    m = read_manifest(root)
+    src = (root / "moe.cu").read_text()
+    tiled = [p for p in m["paths"] if p["config"].get("dispatch_tile")]
+    assert tiled and all(p["config"]["sort"] for p in tiled)
+    for p in tiled:
+        name = p["name"]
+        assert f"dispatch_{name}" not in m["functions"]
+        for part in ("count", "scan", "place"):
+            assert f"dispatch_{part}_{name}" in m["functions"], part
+        assert "tile_counts_ptr" in _kernel(src, f"dispatch_place_{name}")
+    # tiny's I 96 takes no tensor-core tile; at I 128 its prefill path keeps one, rastered
+    import dataclasses
+
+    from moegen.build import build
+
+    root = build(dataclasses.replace(load_spec(SPECS / "tiny.yaml"), intermediate_size=128), "cuda-sm90", tmp_path,
+                 golden=False)
+    m, src = read_manifest(root), (root / "moe.cu").read_text()
+    grouped = [p for p in m["paths"] if p["config"].get("group_m", 1) > 1]
+    assert grouped and all(p["config"]["mma"] for p in grouped)
+    for p in grouped:
+        g = p["config"]["group_m"]
+        for fn in (f"experts_up_{p['name']}", f"experts_down_{p['name']}"):
+            k = _kernel(src, fn)
+            guard = k.index("num_blocks_ptr[0]")
+            line = k[k.rindex("\n", 0, guard):guard]
+            assert f"(((int64_t)blockIdx.y) * (int64_t){g}) + " in line and "blockIdx.x" in line, (fn, line)
+            assert guard < k.index("ldmatrix"), fn
+        # (the down GEMM's Hp 128 is one weight tile: there blockIdx.x < G is the block in its group)
+        k = _kernel(src, f"experts_up_{grouped[0]['name']}")
+        assert f"(((int64_t)blockIdx.x) & (int64_t){g - 1})" in k.split("num_blocks_ptr[0]")[0]
+        assert f"((int64_t)blockIdx.x) >> (int64_t){g.bit_length() - 1}" in k  # the weight tile
+
+
 def test_decode_path_loads_weights_16_bytes_at_a_time(artifact):
     """The shipped cuda-sm90 decode path (vector_loads): every thread of both expert kernels loads a
     16-byte vector of weight columns per k step; its blocks past num_blocks exit first too."""
@@ -223,3 +264,20 @@ def test_cuda_artifact_packs_weights_with_16_byte_kernels(artifact):
         assert k.count(f"= *(uint4*)({w} + ") == 8, fn  # V = 8 bf16: 8 source rows of 8 k per thread
         assert k.count("*(uint4*)(out_ptr + ") == 8, fn  # and 8 output rows of 8 columns
         assert "__shared__" not in k and "__syncthreads" not in k, fn
+
+
+def test_config_ok_names_the_dispatch_tile_and_group_m_limits():
+    """dispatch_tile needs dispatch_threads a power of two that divides it; group_m only rasters
+    tensor-core tiles."""
+    from moegen.build import expert_shapes
+    from moegen.schedule.config import ExpertsConfig, config_ok
+
+    shapes = expert_shapes(load_spec(SPECS / "tiny.yaml"))
+    base = dict(block_m=16, block_n_up=64, block_n_down=128, combine_n=128, gather_rows=False, grid_blocks=True,
+                dispatch_threads=256, mma=True, block_k=32, warp_m=16, warp_n=32)
+    assert config_ok(ExpertsConfig(**base, dispatch_tile=1024, group_m=4), shapes) is None
+    for bad, why in ((dict(dispatch_tile=1000), "dispatch_tile 1000"),
+                     (dict(dispatch_tile=1024, dispatch_threads=96), "not 96"),
+                     (dict(group_m=0), "group_m 0 < 1"),
+                     (dict(group_m=4, mma=False), "group_m 4 needs mma")):
+        assert why in config_ok(ExpertsConfig(**dict(base, **bad)), shapes), bad

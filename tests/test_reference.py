@@ -442,6 +442,34 @@ def test_dispatch_ref_invariants(E, K, ep, placement, rank, T, bm):
         assert any(le < 0 for le in local_of) and any(le >= 0 for le in local_of)
 
 
+@pytest.mark.parametrize("tile", [8, 24, 64])
+@pytest.mark.parametrize("T", TOKENS)
+@pytest.mark.parametrize("E,K,ep,placement,rank", DISPATCH)
+def test_tile_counts_place_every_slot_where_dispatch_ref_does(E, K, ep, placement, rank, T, tile):
+    """The multi-block dispatch's contract (kernels.dispatch.dispatch_tiles_funcs): slot s of tile t
+    goes to offsets[e] + tile_counts[t, e] + (slots of e before s in tile t). With tile_counts_ref's
+    scratch that lands every local slot on dispatch_ref's row, and the last tile's entries plus its own
+    counts give the expert totals."""
+    from moegen.reference import tile_counts_ref, tile_counts_size
+
+    spec = make_spec(num_experts=E, top_k=K, parallel={"ep_size": ep, "expert_placement": placement})
+    emap, El = expert_map_ref(spec, rank), spec.local_experts
+    ids = random_ids(T, E, K, torch.Generator().manual_seed(5 * T + tile + E))
+    d = dispatch_ref(ids, emap, El, 4)
+    tiles = tile_counts_ref(ids, emap, El, tile)
+    assert tiles.dtype == torch.int32 and tiles.numel() == tile_counts_size(T, K, El, tile)
+    tiles = tiles.view(-1, El)
+    local = emap.long()[ids.reshape(-1).long()]
+    seen = torch.zeros_like(tiles)
+    for s, e in enumerate(local.tolist()):
+        if e < 0:
+            continue
+        t = s // tile
+        assert d["offsets"][e] + tiles[t, e] + seen[t, e] == d["slot_pos"][s], (s, e)
+        seen[t, e] += 1
+    assert torch.equal(tiles[-1] + seen[-1], d["counts"])
+
+
 # ---- expert maps --------------------------------------------------------------------------------------------
 
 

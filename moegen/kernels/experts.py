@@ -214,9 +214,11 @@ def experts_up_func(s: ExpertShapes, block_m: int, block_n: int, gather_rows: bo
 
 
 def experts_down_func(s: ExpertShapes, block_m: int, block_n: int, grid_blocks: bool = False,
-                      stage_operands: bool = False, int64_loops: bool = False, unsorted: bool = False):
+                      stage_operands: bool = False, int64_loops: bool = False, unsorted: bool = False,
+                      y_dtype: str = "float32"):
     """PrimFunc `experts_down(act [MP, I], topk_weights [T, K] f32, sorted_ids [MP] i32, block_expert [MB] i32,
-    num_blocks [1] i32, w2p [El, NT2, I, BN], b2p [El, NT2, BN], y [MP, Hp] f32)`: weighted rows, sorted order.
+    num_blocks [1] i32, w2p [El, NT2, I, BN], b2p [El, NT2, BN], y [MP, Hp] y_dtype)`: weighted rows, sorted
+    order, summed in fp32 and stored as y_dtype (fp32, or the model dtype: half the scratch bytes).
     grid_blocks, stage_operands, int64_loops, unsorted: as experts_up_func (act rows are already in block order:
     only the weight tile is staged; ysum is laid out as experts_up_func's gu)."""
     d_dt, d_El, d_K, d_H, d_I = s.dtype, s.local_experts, s.top_k, s.hidden, s.intermediate
@@ -244,7 +246,7 @@ def experts_down_func(s: ExpertShapes, block_m: int, block_n: int, grid_blocks: 
         num_blocks = T.match_buffer(nblk_h, (1,), "int32")
         w2 = T.match_buffer(w_h, (d_El, d_NT, d_I, d_BN), d_dt)
         b2 = T.match_buffer(b_h, (d_El, d_NT, d_BN), d_dt)
-        y = T.match_buffer(y_h, (n_blocks * d_BM, d_H), "float32")
+        y = T.match_buffer(y_h, (n_blocks * d_BM, d_H), y_dtype)
         ysum = T.sblock_alloc_buffer((d_acc_nt, n_blocks * d_BM, d_acc_w), "float32")
         ws = T.sblock_alloc_buffer((n_blocks, d_NT, d_I, d_BN), d_dt)
         for nt in range(d_NT):
@@ -278,20 +280,20 @@ def experts_down_func(s: ExpertShapes, block_m: int, block_n: int, grid_blocks: 
                         vt = T.axis.spatial(d_NT, nt)
                         vb = T.axis.spatial(n_blocks, b)
                         vm, vc = T.axis.remap("SS", [m, c])
-                        y[(vb if d_one_row else vb * d_BM + vm), vt * d_BN + vc] = (
+                        y[(vb if d_one_row else vb * d_BM + vm), vt * d_BN + vc] = T.Cast(y_dtype, (
                             ysum[vt * d_acc_tile, (vb if d_one_row else vb * d_BM + vm), vt * d_acc_stride + vc]
                             + T.if_then_else(d_bias, T.Cast("float32", b2[_expert(block_expert, vb, unsorted), vt, vc]), T.float32(0))
                         ) * T.if_then_else(
                             d_woi, T.float32(1),
                             topk_weights[T.min(T.Cast("int64", sorted_ids[(vb if d_one_row else vb * d_BM + vm)]), n_slots - 1) // d_K,
-                                         T.min(T.Cast("int64", sorted_ids[(vb if d_one_row else vb * d_BM + vm)]), n_slots - 1) % d_K])
+                                         T.min(T.Cast("int64", sorted_ids[(vb if d_one_row else vb * d_BM + vm)]), n_slots - 1) % d_K]))
 
     return experts_down
 
 
-def combine_func(s: ExpertShapes, block_m: int, unsorted: bool = False):
-    """PrimFunc `combine(y [MP, Hp] f32, slot_pos [T*K] i32, out [T, Hp])`: out[t] = sum over k of the
-    row of slot t*K+k (0 for a slot another EP rank owns). A function of its own: every token needs
+def combine_func(s: ExpertShapes, block_m: int, unsorted: bool = False, y_dtype: str = "float32"):
+    """PrimFunc `combine(y [MP, Hp] y_dtype, slot_pos [T*K] i32, out [T, Hp])`: out[t] = sum over k (in fp32)
+    of the row of slot t*K+k (0 for a slot another EP rank owns). A function of its own: every token needs
     every block of the down GEMM done (a grid-wide dependency on a GPU). unsorted: MP = S (_max_blocks)."""
     d_dt, d_El, d_K, d_H, d_BM = s.dtype, s.local_experts, s.top_k, s.hidden, block_m
     tok = token_var()
@@ -301,7 +303,7 @@ def combine_func(s: ExpertShapes, block_m: int, unsorted: bool = False):
     @T.prim_func(s_tir=True)
     def combine(y_h: T.handle, pos_h: T.handle, out_h: T.handle):
         T.func_attr({"tir.noalias": True})
-        y = T.match_buffer(y_h, (n_blocks * d_BM, d_H), "float32")
+        y = T.match_buffer(y_h, (n_blocks * d_BM, d_H), y_dtype)
         slot_pos = T.match_buffer(pos_h, (n_slots,), "int32")
         out = T.match_buffer(out_h, (tok, d_H), d_dt)
         osum = T.sblock_alloc_buffer((tok, d_H), "float32")
@@ -312,7 +314,7 @@ def combine_func(s: ExpertShapes, block_m: int, unsorted: bool = False):
                     osum[vt, vn] = T.float32(0)
                 osum[vt, vn] += T.if_then_else(
                     slot_pos[vt * d_K + vk] >= 0,
-                    y[T.max(T.Cast("int64", slot_pos[vt * d_K + vk]), T.int64(0)), vn], T.float32(0))
+                    T.Cast("float32", y[T.max(T.Cast("int64", slot_pos[vt * d_K + vk]), T.int64(0)), vn]), T.float32(0))
         for t, n in T.grid(tok, d_H):
             with T.sblock("store"):
                 vt, vn = T.axis.remap("SS", [t, n])

@@ -27,7 +27,7 @@ import torch
 import torch.nn.functional as F
 import tvm_ffi
 
-from ..reference import activation_ref, max_blocks  # pure torch, shared with the oracle
+from ..reference import activation_ref, max_blocks, tile_counts_size  # pure torch, shared with the oracle
 from ..spec import OPTIONAL_WEIGHTS, MoESpec, spec_from_dict, weights_contract
 from . import packing
 from .loader import load_artifact
@@ -392,14 +392,18 @@ class MoERunner:
                         sorted_ids=torch.empty(mp, **i32), block_expert=torch.empty(mp // BM, **i32),
                         num_blocks=torch.empty(1, **i32), slot_pos=torch.empty(cap * K, **i32),
                         act=torch.empty(mp * I, dtype=self.dtype, device=dev),
-                        y=torch.empty(mp * Hp, dtype=torch.float32, device=dev))
+                        y=torch.empty(mp * Hp, device=dev,
+                                      dtype=self.dtype if path["config"].get("y_model_dtype") else torch.float32))
+            if path["config"].get("dispatch_tile"):  # the multi-block dispatch's scratch
+                bufs["tile_counts"] = torch.empty(tile_counts_size(cap, K, El, path["config"]["dispatch_tile"]), **i32)
             self._stage[path["name"]] = (cap, bufs)
         MB = max_blocks(T, K, El, BM, path["config"].get("sort", True))
         return dict(ids=bufs["ids"][:T * K].view(T, K), tw=bufs["tw"][:T * K].view(T, K), counts=bufs["counts"],
                     offsets=bufs["offsets"], sorted_ids=bufs["sorted_ids"][:MB * BM],
                     block_expert=bufs["block_expert"][:MB], num_blocks=bufs["num_blocks"],
                     slot_pos=bufs["slot_pos"][:T * K], act=bufs["act"][:MB * BM * I].view(MB * BM, I),
-                    y=bufs["y"][:MB * BM * Hp].view(MB * BM, Hp))
+                    y=bufs["y"][:MB * BM * Hp].view(MB * BM, Hp),
+                    tile_counts=bufs.get("tile_counts"))
 
     def _routed_chunk(self, xp: torch.Tensor, logits: torch.Tensor, out: torch.Tensor) -> None:
         """The five kernels (four without the sort) on one chunk: xp [T, Hp], logits [T, E] fp32 -> out [T, Hp] (a view)."""
@@ -415,8 +419,7 @@ class MoERunner:
         with self._stream():  # CUDA: kernels launch on torch's current stream (graph capture too)
             if c.get("sort", True):
                 f["routing"](logits.contiguous(), self.correction_bias, b["ids"], b["tw"])
-                f[f"dispatch_{name}"](b["ids"], self.expert_map, b["counts"], b["offsets"], b["sorted_ids"],
-                                      b["block_expert"], b["num_blocks"], b["slot_pos"])
+                self._dispatch(path, b, self.expert_map)
             else:  # no sort: routing writes the dispatch buffers (slot s is block s)
                 f[f"route_dispatch_{name}"](logits.contiguous(), self.correction_bias, self.expert_map, b["ids"],
                                             b["tw"], b["sorted_ids"], b["block_expert"], b["num_blocks"],
@@ -426,6 +429,22 @@ class MoERunner:
             f[f"experts_down_{name}"](b["act"], b["tw"], b["sorted_ids"], b["block_expert"], b["num_blocks"],
                                       w2, b2, b["y"])
             f[f"combine_{name}"](b["y"], b["slot_pos"], out)
+
+    def _dispatch(self, path: dict, b: dict[str, torch.Tensor], emap: torch.Tensor) -> None:
+        """The sort of a path: b["ids"] [T, K] (global experts) and emap [E] -> b's counts, offsets,
+        sorted_ids, block_expert, num_blocks and slot_pos (reference.dispatch_ref's contract). One
+        kernel, or with config.dispatch_tile three over tiles of slots (count, scan, place)."""
+        c, f, name = path["config"], self._fns, path["name"]
+        if not c.get("dispatch_tile"):
+            f[f"dispatch_{name}"](b["ids"], emap, b["counts"], b["offsets"], b["sorted_ids"], b["block_expert"],
+                                  b["num_blocks"], b["slot_pos"])
+            return
+        T, K = b["ids"].shape
+        tiles = b["tile_counts"][:tile_counts_size(T, K, self.spec.local_experts, c["dispatch_tile"])]
+        f[f"dispatch_count_{name}"](b["ids"], emap, tiles)
+        f[f"dispatch_scan_{name}"](b["ids"], tiles, b["counts"], b["offsets"], b["sorted_ids"], b["block_expert"],
+                                   b["num_blocks"])
+        f[f"dispatch_place_{name}"](b["ids"], emap, tiles, b["offsets"], b["sorted_ids"], b["slot_pos"])
 
     def _stream(self):
         return tvm_ffi.use_torch_stream() if self.device.type == "cuda" else contextlib.nullcontext()

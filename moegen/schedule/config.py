@@ -26,6 +26,9 @@ class ExpertsConfig:
     grid_blocks: bool = False  # loop over every possible block (predicated): a GPU binds them to the grid
     split_k: int = 1  # GPU: threads (threadIdx.y) sharing one column's reduction
     dispatch_threads: int = 0  # GPU: threads of the one-block dispatch (0: the serial dispatch)
+    # GPU: slots per thread block of the multi-block dispatch (kernels.dispatch.dispatch_tiles_funcs:
+    # count, scan and place kernels, dispatch_threads threads each); 0: the one-block dispatch
+    dispatch_tile: int = 0
     # GPU tensor cores (mma.sync m16n8k16): each warp computes a warp_m x warp_n piece of the BM x BN
     # tile, (BM / warp_m) * (BN / warp_n) warps per block, reduction in steps of block_k through shared
     mma: bool = False
@@ -36,6 +39,11 @@ class ExpertsConfig:
     # mma: operands and accumulator tile in dynamic shared memory, which may pass the 48 KiB of static
     # shared memory (up to MMA_DYNAMIC_SHARED_BYTES): taller tiles, more pipeline stages
     dynamic_smem: bool = False
+    # mma: sorted blocks per raster group. The grid runs group_m consecutive sorted blocks of one weight
+    # tile before the next tile (blockIdx.x = tile * group_m + block % group_m), so the blocks of an
+    # expert that share a weight tile run together and read it from HBM once (L2 serves the others);
+    # 1: every tile of one block before the next block (each block of an expert re-reads its weights)
+    group_m: int = 1
     # GPU decode (block_m 1, split_k > 1): each thread loads 16 bytes of weight columns per k step,
     # (BN / vector) x split_k threads per block
     vector_loads: bool = False
@@ -44,6 +52,10 @@ class ExpertsConfig:
     # experts exit at once. Each slot streams its expert's weights: for paths with well under one row
     # per expert, where slots rarely share an expert.
     sort: bool = True
+    # the down GEMM stores its weighted rows (the scratch y [MP, Hp] that combine sums over top-k) in the
+    # model dtype instead of fp32: half the scratch bytes written and read, one more rounding per slot
+    # (as vLLM's fused MoE, whose intermediate_cache3 is in the model dtype); the K-sum stays fp32
+    y_model_dtype: bool = False
 
 
 @dataclass(frozen=True)
@@ -126,6 +138,13 @@ def config_ok(cfg: ExpertsConfig, shapes: ExpertShapes) -> str | None:
         return f"combine_n {cfg.combine_n} does not divide Hp {shapes.hidden}"
     if not cfg.sort and (cfg.block_m != 1 or not cfg.grid_blocks):
         return f"sort false needs block_m 1 and grid_blocks true, not block_m {cfg.block_m} grid_blocks {cfg.grid_blocks}"
+    if cfg.dispatch_tile:
+        th = cfg.dispatch_threads
+        if th < 32 or th & (th - 1) or cfg.dispatch_tile % th or cfg.dispatch_tile % 8:
+            return (f"dispatch_tile {cfg.dispatch_tile} must be a multiple of 8 and of dispatch_threads, a power "
+                    f"of two >= 32 (not {th})")
+    if cfg.group_m != 1 and not cfg.mma:
+        return f"group_m {cfg.group_m} needs mma (CUDA-core tiles keep one block per row of the grid)"
     if cfg.mma:
         return _mma_ok(cfg, shapes)
     if cfg.vector_loads:
@@ -145,6 +164,8 @@ def _mma_ok(cfg: ExpertsConfig, shapes: ExpertShapes) -> str | None:
         return f"mma needs float16 or bfloat16 weights, not {shapes.dtype}"
     if cfg.stages < 1:
         return f"mma: stages {cfg.stages} < 1"
+    if cfg.group_m < 1:
+        return f"mma: group_m {cfg.group_m} < 1"
     for field in ("block_m", "block_k", "warp_m", "warp_n"):
         if getattr(cfg, field) % MMA_FRAG:
             return f"mma: {field} {getattr(cfg, field)} is not a multiple of {MMA_FRAG}"
@@ -213,7 +234,7 @@ def fit_config(cfg: ExpertsConfig, shapes: ExpertShapes) -> ExpertsConfig:
             fitted = dataclasses.replace(fitted, block_k=_fit(g, max(cfg.block_k, step), step))
     if fitted.mma and config_ok(fitted, shapes) is not None:
         # widths or dtype tensor cores cannot tile (irregular test sizes, fp32): CUDA-core arithmetic
-        fitted = dataclasses.replace(fitted, mma=False)
+        fitted = dataclasses.replace(fitted, mma=False, group_m=1)
     why = config_ok(fitted, shapes)
     assert why is None, why
     return fitted

@@ -213,7 +213,7 @@ def _mma_gemm(sch: s_tir.Schedule, name: str, cfg: ExpertsConfig, block_n: int, 
     warps, lanes = _threads(cfg, block_n)
     g = sch.get_sblock("gemm", func_name=name)
     nt, b, m, c, k = sch.get_loops(g)
-    sch.bind(nt, "blockIdx.x")
+    sch.bind(nt, "blockIdx.x")  # (_exit_past_blocks rasters the grid: config.group_m)
     sch.bind(b, "blockIdx.y")
     m0, m1, m2 = sch.split(m, [cfg.block_m // cfg.warp_m, cfg.warp_m // frag, frag])
     c0, c1, c2 = sch.split(c, [block_n // cfg.warp_n, cfg.warp_n // frag, frag])
@@ -288,28 +288,57 @@ def _exit_past_blocks(sch: s_tir.Schedule, name: str, cfg: ExpertsConfig) -> s_t
     memory: their block_expert is -1. Without the sort (cfg.sort false) a block below num_blocks exits
     too when its slot's expert is another EP rank's (block_expert -1). The kernels' predicates
     (kernels.experts._live) do not survive compute_at and blockize onto the staged loads, so the guard
-    goes around the whole block body."""
+    goes around the whole block body.
+
+    The grid is (blockIdx.x = weight tile, blockIdx.y = sorted block). With config.group_m G > 1 it is
+    rastered here, on the finished schedule (a split of the block loop before the tensorize stops it,
+    and binding a fused loop after it is refused): blockIdx.x = tile * G + block % G, blockIdx.y =
+    block // G, so the G sorted blocks that share a weight tile (consecutive blocks of one expert) are
+    neighbours in launch order and read the tile from HBM once; L2 serves the others. The last group
+    may pass the last possible block: the guard stops those too."""
     import tvm_ffi
-    from tvm.tirx import And, BufferLoad, Cast, For, IfThenElse, IntImm
+    from tvm.tirx import And, BufferLoad, Cast, For, IfThenElse, IntImm, Var, floordiv, floormod
     from tvm.tirx.op import tvm_thread_invariant
 
     func = sch.mod[name]
     num_blocks = _loaded_buffer(func, ("num_blocks",))
     block_expert = _loaded_buffer(func, ("block_expert",))
+    group = cfg.group_m
 
-    def guard(stmt):
-        if isinstance(stmt, For) and stmt.thread_binding is not None and stmt.thread_binding.thread_tag == "blockIdx.y":
-            # uniform over the thread block: TVM's sync planner must be told, or it refuses the
-            # barriers inside
-            cond = Cast("int64", stmt.loop_var) < Cast("int64", BufferLoad(num_blocks, [0]))
-            if not cfg.sort:
-                cond = And(cond, BufferLoad(block_expert, [stmt.loop_var]) >= IntImm("int32", 0))
-            live = tvm_thread_invariant(cond)
-            body = IfThenElse(live, stmt.body, None)
-            return For(stmt.loop_var, stmt.min, stmt.extent, stmt.kind, body, stmt.thread_binding, stmt.annotations)
-        return stmt
+    def guarded(body, block):
+        # uniform over the thread block: TVM's sync planner must be told, or it refuses the barriers inside
+        cond = Cast("int64", block) < Cast("int64", BufferLoad(num_blocks, [0]))
+        if not cfg.sort:
+            cond = And(cond, BufferLoad(block_expert, [block]) >= IntImm("int32", 0))
+        return IfThenElse(tvm_thread_invariant(cond), body, None)
 
-    return _schedule(func.with_body(tvm_ffi.structural_map(func.body, (For, guard))), name)
+    def tag(stmt):
+        return stmt.thread_binding.thread_tag if isinstance(stmt, For) and stmt.thread_binding is not None else None
+
+    def grid(stmt):
+        if tag(stmt) != "blockIdx.x":
+            return stmt
+        inner = stmt.body
+        assert tag(inner) == "blockIdx.y", f"{name}: the sorted-block loop is not directly inside the tile loop"
+        tile, block = stmt.loop_var, inner.loop_var
+        if group == 1:
+            body = guarded(inner.body, block)
+            return For(tile, stmt.min, stmt.extent, stmt.kind,
+                       For(block, inner.min, inner.extent, inner.kind, body, inner.thread_binding, inner.annotations),
+                       stmt.thread_binding, stmt.annotations)
+        g = IntImm(str(block.ty), group)
+        sorted_block = block * g + floormod(tile, g)
+        uses = {tile: floordiv(tile, g), block: sorted_block}
+
+        def use(var):
+            return next((e for v, e in uses.items() if var.same_as(v)), var)
+
+        body = guarded(tvm_ffi.structural_map(inner.body, (Var, use)), sorted_block)
+        rows = For(block, inner.min, floordiv(inner.extent + g - 1, g), inner.kind, body, inner.thread_binding,
+                   inner.annotations)
+        return For(tile, stmt.min, stmt.extent * g, stmt.kind, rows, stmt.thread_binding, stmt.annotations)
+
+    return _schedule(func.with_body(tvm_ffi.structural_map(func.body, (For, grid))), name)
 
 
 # ---- decode with 16-byte loads (cfg.vector_loads) -----------------------------------------------
