@@ -50,10 +50,11 @@ def _keep_best_groups(G, TG, gscore, gkeep, best):
 
 
 @T.macro
-def _identity_dispatch(vt, k, K, tok, expert_map, topk_ids, sorted_ids, block_expert, num_blocks, slot_pos):
+def _identity_dispatch(vt, k, K, tok, expert, expert_map, sorted_ids, block_expert, num_blocks, slot_pos):
+    """slot vt*K + k (of global expert `expert`) is row and block vt*K + k"""
     sorted_ids[vt * K + k] = T.Cast("int32", vt * K + k)
-    block_expert[vt * K + k] = expert_map[topk_ids[vt, k]]
-    slot_pos[vt * K + k] = T.if_then_else(expert_map[topk_ids[vt, k]] >= 0, T.Cast("int32", vt * K + k), -1)
+    block_expert[vt * K + k] = expert_map[expert]
+    slot_pos[vt * K + k] = T.if_then_else(expert_map[expert] >= 0, T.Cast("int32", vt * K + k), -1)
     if vt == 0 and k == 0:
         num_blocks[0] = T.Cast("int32", tok * K)
 
@@ -153,7 +154,7 @@ def routing_func(num_experts: int, top_k: int, router: RouterSpec, dispatch: boo
                         topk_weights[vt, k] = topk_weights[vt, k] * T.float32(r_scale)
                 if r_dispatch:
                     for k in range(r_K):
-                        _identity_dispatch(vt, k, r_K, tok, expert_map, topk_ids, sorted_ids, block_expert,
+                        _identity_dispatch(vt, k, r_K, tok, topk_ids[vt, k], expert_map, sorted_ids, block_expert,
                                            num_blocks, slot_pos)
 
     if r_dispatch:
@@ -184,6 +185,7 @@ def routing_warp_func(num_experts: int, top_k: int, router: RouterSpec, warps: i
     w_EG = w_E // w_G
     w_dispatch = dispatch
     w_L = (w_E + 31) // 32  # experts per lane
+    w_KL = (w_K + 31) // 32  # picks per lane (lane k % 32 keeps pick k)
     w_softmax = router.scoring == "softmax"
     w_use_bias = router.correction_bias
     w_renorm = router.renormalize
@@ -200,6 +202,8 @@ def routing_warp_func(num_experts: int, top_k: int, router: RouterSpec, warps: i
         tk = T.alloc_buffer((w_L,), "int32", scope="local")
         red = T.alloc_buffer((6,), "float32", scope="local")  # max, sum, best choice, its score, picked sum, tmp
         idx = T.alloc_buffer((2,), "int32", scope="local")  # best expert, tmp
+        pick = T.alloc_buffer((w_KL,), "int32", scope="local")  # this lane's picks: expert, then weight
+        pick_w = T.alloc_buffer((w_KL,), "float32", scope="local")
         gscore = T.alloc_buffer((w_G,), "float32", scope="local")  # grouped: each group's score
         gkeep = T.alloc_buffer((w_G,), "int32", scope="local")  # grouped: 1 for the TG kept groups
         if bx * w_W + ty < tok:
@@ -277,20 +281,23 @@ def routing_warp_func(num_experts: int, top_k: int, router: RouterSpec, warps: i
                             red[2] = red[5]
                             red[3] = red[1]
                             idx[0] = idx[1]
-                if idx[0] % 32 == tx:
-                    tk[idx[0] // 32] = 1
+                for j in range(w_L):  # (constant indices keep tk in registers)
+                    if idx[0] == j * 32 + tx:
+                        tk[j] = 1
                 red[4] = red[4] + red[3]
-                if tx == 0:
-                    topk_ids[bx * w_W + ty, k] = idx[0]
-                    topk_weights[bx * w_W + ty, k] = red[3]
-            if tx == 0:
-                for k in range(w_K):
+                if tx == k % 32:
+                    pick[k // 32] = idx[0]
+                    pick_w[k // 32] = red[3]
+            # lane k writes pick k: K lanes store at once, and no lane reads back what another wrote
+            for r in range(w_KL):
+                if r * 32 + tx < w_K:
+                    topk_ids[bx * w_W + ty, r * 32 + tx] = pick[r]
                     if w_renorm:
-                        topk_weights[bx * w_W + ty, k] = topk_weights[bx * w_W + ty, k] / red[4] * T.float32(w_scale)
+                        topk_weights[bx * w_W + ty, r * 32 + tx] = pick_w[r] / red[4] * T.float32(w_scale)
                     else:
-                        topk_weights[bx * w_W + ty, k] = topk_weights[bx * w_W + ty, k] * T.float32(w_scale)
+                        topk_weights[bx * w_W + ty, r * 32 + tx] = pick_w[r] * T.float32(w_scale)
                     if w_dispatch:
-                        _identity_dispatch(bx * w_W + ty, k, w_K, tok, expert_map, topk_ids, sorted_ids,
+                        _identity_dispatch(bx * w_W + ty, r * 32 + tx, w_K, tok, pick[r], expert_map, sorted_ids,
                                            block_expert, num_blocks, slot_pos)
 
     if w_dispatch:
