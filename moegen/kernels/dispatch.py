@@ -266,16 +266,23 @@ def dispatch_tiles_funcs(num_experts: int, local_experts: int, top_k: int, block
         off = T.alloc_buffer((d_El + 1,), "int64", scope="shared")  # padded offsets
         part = T.alloc_buffer((d_TH,), "int64", scope="shared")  # the prefix sum over threads
         run = T.alloc_buffer((1,), "int32", scope="local")
+        got = T.alloc_buffer((d_U,), "int32", scope="local")  # d_U tiles' counts of one expert
         mine = T.alloc_buffer((1,), "int64", scope="local")
         prev = T.alloc_buffer((1,), "int64", scope="local")
-        # 1. per expert, an exclusive prefix of its counts over the tiles (in place)
+        # 1. per expert, an exclusive prefix of its counts over the tiles (in place), d_U tiles' counts
+        # loaded before any is summed (loads in flight together; the tiles past the last read as 0)
         for r in range(d_rounds):
             if r * d_TH + tx < d_El:
                 run[0] = 0
-                for t in range(n_tiles):
-                    prev[0] = T.Cast("int64", tile_counts[t * d_El + r * d_TH + tx])
-                    tile_counts[t * d_El + r * d_TH + tx] = run[0]
-                    run[0] = run[0] + T.Cast("int32", prev[0])
+                for t in range((n_tiles + (d_U - 1)) // d_U):
+                    for u in T.unroll(d_U):
+                        got[u] = 0
+                        if t * d_U + u < n_tiles:
+                            got[u] = tile_counts[(t * d_U + u) * d_El + r * d_TH + tx]
+                    for u in T.unroll(d_U):
+                        if t * d_U + u < n_tiles:
+                            tile_counts[(t * d_U + u) * d_El + r * d_TH + tx] = run[0]
+                        run[0] = run[0] + got[u]
                 counts[r * d_TH + tx] = run[0]
                 cnt[r * d_TH + tx] = run[0]
         T.tvm_storage_sync("shared")
