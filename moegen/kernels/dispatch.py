@@ -1,8 +1,13 @@
-"""Dispatch kernel: top-k ids -> per-expert counts, int64 padded offsets and the slots sorted by expert.
-Twin: `moegen.reference.dispatch_ref` (same buffers, same sentinels, same order).
+"""Dispatch kernels: top-k ids -> per-expert counts, int64 padded offsets and the slots sorted by expert.
+Twin: `moegen.reference.dispatch_ref` (same buffers, same sentinels, same order); the tiled GPU variant's
+scratch: `moegen.reference.tile_counts_ref`.
 
 Shape legend: T tokens (symbolic), K top-k, S = T*K slots, E global experts, El local experts,
-BM rows per block, MB = ceil(S / BM) + El blocks at most, MP = MB * BM sorted rows.
+BM rows per block, MB = ceil(S / BM) + El blocks at most, MP = MB * BM sorted rows; tiled variant:
+TS slots per tile, NT = ceil(S / TS) tiles.
+
+Three forms of one contract: dispatch_func (serial: the CPU), dispatch_threads_func (one GPU thread
+block) and dispatch_tiles_funcs (count, scan and place kernels over tiles of slots: many thread blocks).
 
 Each expert's rows start on a block boundary (the block-aligned sort of vLLM's moe_align_block_size),
 so the expert GEMMs see whole blocks of one expert. A slot whose expert is -1 in `expert_map` (owned

@@ -1,4 +1,5 @@
-"""CUDA schedule rules: warp routing, a one-block dispatch, expert GEMMs on CUDA cores (one row per
+"""CUDA schedule rules: warp routing, the dispatch (one thread block, or tiles of slots over many: the
+kernels name their threads), expert GEMMs on CUDA cores (one row per
 block: split-K decode, with 16-byte weight loads when config.vector_loads; a few rows: register
 tiles) or on tensor cores (config.mma: ldmatrix + mma.sync).
 
@@ -10,7 +11,8 @@ Weight packing (kernels/pack.py, once at load): a register transpose of V x V bl
 accesses on both sides (`pack`).
 A decode path without the sort (config.sort false) skips the dispatch kernel: its blocks of another
 EP rank's experts exit with the blocks past num_blocks. Tensor-core tiles may live in dynamic shared
-memory (config.dynamic_smem) to pass 48 KiB.
+memory (config.dynamic_smem) to pass 48 KiB, and their grid may be rastered in groups of sorted blocks
+that share a weight tile (config.group_m, applied by _exit_past_blocks).
 Not done yet (issue 3): wgmma, a register-epilogue prefill tile that beats Triton's from 256 tokens up
 (docs/perf.md).
 """
