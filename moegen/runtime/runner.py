@@ -406,7 +406,9 @@ class MoERunner:
                     tile_counts=bufs.get("tile_counts"))
 
     def _routed_chunk(self, xp: torch.Tensor, logits: torch.Tensor, out: torch.Tensor) -> None:
-        """The five kernels (four without the sort) on one chunk: xp [T, Hp], logits [T, E] fp32 -> out [T, Hp] (a view)."""
+        """The kernels of one chunk: routing, the dispatch (one kernel, or three over tiles of slots; none
+        without the sort, where routing writes its buffers), experts_up, experts_down, combine:
+        xp [T, Hp], logits [T, E] fp32 -> out [T, Hp] (a view)."""
         spec = self.spec
         T = xp.shape[0]
         if T == 0:  # an empty batch launches nothing
