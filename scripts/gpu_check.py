@@ -187,9 +187,9 @@ def check_dispatch(root: Path) -> bool:
 
 
 for root in sorted(ART.glob("*/cuda-sm90")):
-    paths = read_manifest(root)["paths"]
-    spec = spec_from_dict(read_manifest(root)["spec"])
-    if any(p["config"].get("dispatch_tile") for p in paths) and weight_bytes(spec) <= REAL_BYTES \
+    manifest = read_manifest(root)
+    spec = spec_from_dict(manifest["spec"])
+    if any(p["config"].get("dispatch_tile") for p in manifest["paths"]) and weight_bytes(spec) <= REAL_BYTES \
             and spec.parallel.tp_size * spec.parallel.ep_size == 1:
         results[f"{root.parent.name} (dispatch kernels)"] = check_dispatch(root)
 

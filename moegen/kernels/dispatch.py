@@ -125,11 +125,7 @@ def dispatch_threads_func(num_experts: int, local_experts: int, top_k: int, bloc
             for c in range((n_slots + (d_CH - 1)) // d_CH):
                 _stage_chunk(c, d_CH, d_TH, d_K, tx, n_slots, loc, ids, topk_ids, expert_map, slot_pos, False)
                 if r * d_TH + tx < d_El:
-                    for i in range((T.min(T.int64(d_CH), n_slots - c * d_CH) + (d_U - 1)) // d_U):  # the chunk's slots
-                        for u in T.unroll(d_U):
-                            mine[u] = loc[i * d_U + u]
-                        for u in T.unroll(d_U):
-                            cur[0] = cur[0] + T.Cast("int64", mine[u] == r * d_TH + tx)
+                    _scan_staged(c * d_CH, d_CH, d_U, n_slots, r * d_TH + tx, loc, mine, cur, False, None, None)
                 T.tvm_storage_sync("shared")
             if r * d_TH + tx < d_El:
                 counts[r * d_TH + tx] = T.Cast("int32", cur[0])
@@ -164,14 +160,8 @@ def dispatch_threads_func(num_experts: int, local_experts: int, top_k: int, bloc
             for c in range((n_slots + (d_CH - 1)) // d_CH):
                 _stage_chunk(c, d_CH, d_TH, d_K, tx, n_slots, loc, ids, topk_ids, expert_map, slot_pos, True)
                 if r * d_TH + tx < d_El:
-                    for i in range((T.min(T.int64(d_CH), n_slots - c * d_CH) + (d_U - 1)) // d_U):  # the chunk's slots
-                        for u in T.unroll(d_U):
-                            mine[u] = loc[i * d_U + u]
-                        for u in T.unroll(d_U):
-                            if mine[u] == r * d_TH + tx:
-                                sorted_ids[cur[0]] = T.Cast("int32", c * d_CH + i * d_U + u)
-                                slot_pos[c * d_CH + i * d_U + u] = T.Cast("int32", cur[0])
-                                cur[0] = cur[0] + T.int64(1)
+                    _scan_staged(c * d_CH, d_CH, d_U, n_slots, r * d_TH + tx, loc, mine, cur, True, sorted_ids,
+                                 slot_pos)
                 T.tvm_storage_sync("shared")
             if r * d_TH + tx < d_El:
                 cur[0] = off[r * d_TH + tx]  # (shared memory into registers: loop bounds cannot read it)
@@ -205,6 +195,25 @@ def _stage_chunk(c, CH, TH, K, tx, n_slots, loc, ids, topk_ids, expert_map, slot
     T.tvm_storage_sync("shared")
 
 
+@T.macro
+def _scan_staged(start, size, U, n_slots, e, loc, mine, cur, place, sorted_ids, slot_pos):
+    """The thread of local expert e reads the staged slots start .. start + min(size, n_slots - start) - 1
+    (loc, from _stage_chunk) in order, U at a time into registers first. place false: cur[0] counts the
+    slots of e. place true: each slot of e goes to row cur[0] (sorted_ids, slot_pos), which advances,
+    so the order stays stable."""
+    for i in range((T.min(T.int64(size), n_slots - start) + (U - 1)) // U):
+        for u in T.unroll(U):
+            mine[u] = loc[i * U + u]
+        for u in T.unroll(U):
+            if place:
+                if mine[u] == e:
+                    sorted_ids[cur[0]] = T.Cast("int32", start + i * U + u)
+                    slot_pos[start + i * U + u] = T.Cast("int32", cur[0])
+                    cur[0] = cur[0] + T.int64(1)
+            else:
+                cur[0] = cur[0] + T.Cast(cur.dtype, mine[u] == e)
+
+
 def dispatch_tiles_funcs(num_experts: int, local_experts: int, top_k: int, block_m: int, threads: int,
                          tile: int):
     """The same contract as dispatch_func, for GPUs, in three kernels over tiles of `tile` slots, so the
@@ -222,8 +231,7 @@ def dispatch_tiles_funcs(num_experts: int, local_experts: int, top_k: int, block
     staged slots in order (as dispatch_threads_func does over all of them). Returns (count, scan, place)."""
     d_E, d_El, d_K, d_BM, d_TH, d_TS = num_experts, local_experts, top_k, block_m, threads, tile
     assert d_TH & (d_TH - 1) == 0 and d_TS % d_TH == 0 and d_TS % SCAN_UNROLL == 0, (threads, tile)
-    d_rounds = (d_El + d_TH - 1) // d_TH  # experts per thread (count, place)
-    d_R = d_rounds  # consecutive experts per thread in the scan's prefix sum
+    d_rounds = (d_El + d_TH - 1) // d_TH  # experts per thread: strided in count and place, consecutive in scan
     d_U, d_SPT = SCAN_UNROLL, d_TS // d_TH
     d_steps = d_TH.bit_length() - 1  # log2(threads): the prefix sum's doubling steps
     tok = token_var()
@@ -247,11 +255,7 @@ def dispatch_tiles_funcs(num_experts: int, local_experts: int, top_k: int, block
         for r in range(d_rounds):
             if r * d_TH + tx < d_El:
                 cur[0] = 0
-                for i in range((T.min(T.int64(d_TS), n_slots - bx * d_TS) + (d_U - 1)) // d_U):
-                    for u in T.unroll(d_U):
-                        mine[u] = loc[i * d_U + u]
-                    for u in T.unroll(d_U):
-                        cur[0] = cur[0] + T.Cast("int32", mine[u] == r * d_TH + tx)
+                _scan_staged(bx * d_TS, d_TS, d_U, n_slots, r * d_TH + tx, loc, mine, cur, False, None, None)
                 tile_counts[bx * d_El + r * d_TH + tx] = cur[0]
 
     @T.prim_func
@@ -293,9 +297,9 @@ def dispatch_tiles_funcs(num_experts: int, local_experts: int, top_k: int, block
         T.tvm_storage_sync("shared")
         # 2. padded offsets: thread i sums experts i*R .. i*R+R-1, a doubling prefix sum over the threads
         mine[0] = T.int64(0)
-        for j in range(d_R):
-            if tx * d_R + j < d_El:
-                mine[0] = mine[0] + T.Cast("int64", (cnt[tx * d_R + j] + (d_BM - 1)) // d_BM * d_BM)
+        for j in range(d_rounds):
+            if tx * d_rounds + j < d_El:
+                mine[0] = mine[0] + T.Cast("int64", (cnt[tx * d_rounds + j] + (d_BM - 1)) // d_BM * d_BM)
         part[tx] = mine[0]
         T.tvm_storage_sync("shared")
         for step in T.unroll(d_steps):
@@ -308,10 +312,10 @@ def dispatch_tiles_funcs(num_experts: int, local_experts: int, top_k: int, block
         prev[0] = part[tx] - mine[0]  # this thread's experts start here
         if tx == 0:
             off[0] = T.int64(0)
-        for j in range(d_R):
-            if tx * d_R + j < d_El:
-                prev[0] = prev[0] + T.Cast("int64", (cnt[tx * d_R + j] + (d_BM - 1)) // d_BM * d_BM)
-                off[tx * d_R + j + 1] = prev[0]
+        for j in range(d_rounds):
+            if tx * d_rounds + j < d_El:
+                prev[0] = prev[0] + T.Cast("int64", (cnt[tx * d_rounds + j] + (d_BM - 1)) // d_BM * d_BM)
+                off[tx * d_rounds + j + 1] = prev[0]
         T.tvm_storage_sync("shared")
         if tx == 0:
             num_blocks[0] = T.Cast("int32", off[d_El] // d_BM)
@@ -358,14 +362,7 @@ def dispatch_tiles_funcs(num_experts: int, local_experts: int, top_k: int, block
         for r in range(d_rounds):
             if r * d_TH + tx < d_El:
                 cur[0] = offsets[r * d_TH + tx] + T.Cast("int64", tile_counts[bx * d_El + r * d_TH + tx])
-                for i in range((T.min(T.int64(d_TS), n_slots - bx * d_TS) + (d_U - 1)) // d_U):
-                    for u in T.unroll(d_U):
-                        mine[u] = loc[i * d_U + u]
-                    for u in T.unroll(d_U):
-                        if mine[u] == r * d_TH + tx:
-                            sorted_ids[cur[0]] = T.Cast("int32", bx * d_TS + i * d_U + u)
-                            slot_pos[bx * d_TS + i * d_U + u] = T.Cast("int32", cur[0])
-                            cur[0] = cur[0] + T.int64(1)
+                _scan_staged(bx * d_TS, d_TS, d_U, n_slots, r * d_TH + tx, loc, mine, cur, True, sorted_ids, slot_pos)
 
     return dispatch_count, dispatch_scan, dispatch_place
 

@@ -140,9 +140,9 @@ def config_ok(cfg: ExpertsConfig, shapes: ExpertShapes) -> str | None:
         return f"sort false needs block_m 1 and grid_blocks true, not block_m {cfg.block_m} grid_blocks {cfg.grid_blocks}"
     if cfg.dispatch_tile:
         th = cfg.dispatch_threads
-        if th < 32 or th & (th - 1) or cfg.dispatch_tile % th or cfg.dispatch_tile % 8:
-            return (f"dispatch_tile {cfg.dispatch_tile} must be a multiple of 8 and of dispatch_threads, a power "
-                    f"of two >= 32 (not {th})")
+        if th < 32 or th & (th - 1) or cfg.dispatch_tile % th:  # (so a multiple of the scan's unroll, 8)
+            return (f"dispatch_tile {cfg.dispatch_tile} must be a multiple of dispatch_threads, a power of two "
+                    f">= 32 (not {th})")
     if cfg.group_m != 1 and not cfg.mma:
         return f"group_m {cfg.group_m} needs mma (CUDA-core tiles keep one block per row of the grid)"
     if cfg.mma:
