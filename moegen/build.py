@@ -79,10 +79,12 @@ def scheduled_module(spec: MoESpec, target: TargetInfo, schedule: dict | None = 
 
     from .kernels import dispatch as kd
     from .kernels import experts as ke
+    from .kernels import experts_wgmma as kw
     from .kernels import pack as kp
     from .kernels import routing as kr
     from .schedule import rules
-    from .schedule.config import ExpertsConfig, load_paths, load_routing_config, pack_config, path_records
+    from .schedule.config import (ExpertsConfig, ScheduleError, load_paths, load_routing_config, pack_config,
+                                  path_records)
 
     rule = rules(target.family)
     shapes = expert_shapes(spec)
@@ -120,14 +122,25 @@ def scheduled_module(spec: MoESpec, target: TargetInfo, schedule: dict | None = 
         else:
             funcs[f"dispatch_{name}"] = rule.dispatch(
                 kd.dispatch_func(spec.num_experts, spec.local_experts, spec.top_k, bm), f"dispatch_{name}")
-        funcs[f"experts_up_{name}"] = rule.experts_up(
-            ke.experts_up_func(shapes, bm, cfg.block_n_up, cfg.gather_rows, cfg.grid_blocks, cfg.mma, cfg.vector_loads,
-                               not cfg.sort),
-            f"experts_up_{name}", cfg)
-        funcs[f"experts_down_{name}"] = rule.experts_down(
-            ke.experts_down_func(shapes, bm, cfg.block_n_down, cfg.grid_blocks, cfg.mma, cfg.vector_loads,
-                                 not cfg.sort, y_dtype),
-            f"experts_down_{name}", cfg)
+        if cfg.wgmma:  # Hopper: the kernels name their threads (kernels/experts_wgmma.py)
+            if not target.extra.get("wgmma"):
+                raise ScheduleError(f"schedules file {source}: paths ({name}).experts.wgmma: true needs a Hopper "
+                                    f"target (cuda-sm90), not {target.name}")
+            up_tile = kw.WgmmaTile(bm, cfg.block_n_up, cfg.stages, cfg.group_m)
+            down_tile = kw.WgmmaTile(bm, cfg.block_n_down, cfg.stages, cfg.group_m)
+            funcs[f"experts_up_{name}"] = rule.experts_wgmma(kw.experts_up_wgmma_func(shapes, up_tile),
+                                                             f"experts_up_{name}")
+            funcs[f"experts_down_{name}"] = rule.experts_wgmma(kw.experts_down_wgmma_func(shapes, down_tile, y_dtype),
+                                                               f"experts_down_{name}")
+        else:
+            funcs[f"experts_up_{name}"] = rule.experts_up(
+                ke.experts_up_func(shapes, bm, cfg.block_n_up, cfg.gather_rows, cfg.grid_blocks, cfg.mma,
+                                   cfg.vector_loads, not cfg.sort),
+                f"experts_up_{name}", cfg)
+            funcs[f"experts_down_{name}"] = rule.experts_down(
+                ke.experts_down_func(shapes, bm, cfg.block_n_down, cfg.grid_blocks, cfg.mma, cfg.vector_loads,
+                                     not cfg.sort, y_dtype),
+                f"experts_down_{name}", cfg)
         funcs[f"combine_{name}"] = rule.combine(ke.combine_func(shapes, bm, not cfg.sort, y_dtype), f"combine_{name}",
                                                 cfg)
     pack = pack_config(schedule, source)
@@ -161,9 +174,10 @@ def compile_module(mod, target: TargetInfo):
         return tvm.compile(mod, target=tvm_target)
 
 
-def _nvcc_flags(target: TargetInfo) -> list[str]:
-    """SASS for the target's architecture plus PTX of it, so newer GPUs can still load the library."""
-    arch = target.tvm["arch"].removeprefix("sm_")
+def _nvcc_flags(target: TargetInfo, arch_specific: bool = False) -> list[str]:
+    """SASS for the target's architecture plus PTX of it, so newer GPUs can still load the library.
+    arch_specific (wgmma kernels): the "a" variant (sm_90a), whose code runs on that architecture only."""
+    arch = target.tvm["arch"].removeprefix("sm_") + ("a" if arch_specific else "")
     return ["-O3", "-std=c++17", "-shared", "-Xcompiler", "-fPIC",
             "-gencode", f"arch=compute_{arch},code=sm_{arch}", "-gencode", f"arch=compute_{arch},code=compute_{arch}"]
 
@@ -181,8 +195,14 @@ def widen_copy_offsets(source: str) -> str:
     return _COPY_HELPER.sub(r"\1long long\2long long\3", source)
 
 
-def export_library(ex, target: TargetInfo, out: Path) -> dict:
-    """Write out/moe.so (and, for CUDA, the moe.cu it was compiled from); returns how it was compiled."""
+def uses_arch_specific(paths: list[dict]) -> bool:
+    """Whether any path's kernels need the architecture-specific target (wgmma: sm_90a)."""
+    return any(p["config"].get("wgmma") for p in paths)
+
+
+def export_library(ex, target: TargetInfo, out: Path, arch_specific: bool = False) -> dict:
+    """Write out/moe.so (and, for CUDA, the moe.cu it was compiled from); returns how it was compiled.
+    arch_specific: see _nvcc_flags."""
     if target.family == "cpu":
         ex.export_library(str(out / "moe.so"))
         return {"compiler": "llvm (tvm)"}
@@ -193,7 +213,8 @@ def export_library(ex, target: TargetInfo, out: Path) -> dict:
 
     (out / "moe.cu").write_text(widen_copy_offsets(export_cuda_host(ex.mod)))
     ffi = Path(tvm_ffi.__file__).parent
-    cmd = ["nvcc", *_nvcc_flags(target), "-I", str(ffi / "include"), "-o", str(out / "moe.so"), str(out / "moe.cu"),
+    flags = _nvcc_flags(target, arch_specific)
+    cmd = ["nvcc", *flags, "-I", str(ffi / "include"), "-o", str(out / "moe.so"), str(out / "moe.cu"),
            "-L", str(ffi / "lib"), "-ltvm_ffi", "-lcudart"]
     try:
         proc = subprocess.run(cmd, capture_output=True, text=True)
@@ -205,7 +226,7 @@ def export_library(ex, target: TargetInfo, out: Path) -> dict:
 
     version = subprocess.run(["nvcc", "--version"], capture_output=True, text=True).stdout.strip().splitlines()[-1]
     embedded = sorted({(e["kind"], e["arch"]) for e in fatbin_entries(out / "moe.so")})
-    return {"compiler": version, "nvcc_flags": _nvcc_flags(target),
+    return {"compiler": version, "nvcc_flags": flags,
             "embedded": [{"kind": k, "arch": a} for k, a in embedded]}
 
 
@@ -307,7 +328,8 @@ def build(spec: MoESpec, target_name: str, out_root: Path, *, golden: bool = Tru
         progress(f"[2/5] compiling {len(mod.functions)} functions for {target.tvm}")
         ex = compile_module(mod, target)
         progress("[3/5] exporting the shared library" + (" (nvcc)" if target.family == "cuda" else ""))
-        compiled = export_library(ex, target, tmp)
+        arch_specific = uses_arch_specific(paths)
+        compiled = export_library(ex, target, tmp, arch_specific)
         runtime_libs = []
         for lib in _runtime_libs(target):
             shutil.copy2(lib, tmp / lib.name)
@@ -324,7 +346,9 @@ def build(spec: MoESpec, target_name: str, out_root: Path, *, golden: bool = Tru
             "spec_hash": spec.hash,
             "target": {"name": target.name, "family": target.family, "tvm": target.tvm,
                        "requires_cpu_flags": list(target.requires_cpu_flags),
-                       "compute_capability": target.extra.get("compute_capability")},
+                       "compute_capability": target.extra.get("compute_capability"),
+                       # sm_90a code (wgmma) runs on exactly that compute capability, not on newer GPUs
+                       "exact_capability": arch_specific},
             "compiled": compiled,
             "library": "moe.so",
             "runtime_libraries": runtime_libs,

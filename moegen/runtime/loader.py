@@ -45,6 +45,10 @@ def check_device(manifest: dict, device: torch.device) -> None:
             raise ArtifactError(f"artifact for {tgt['name']} needs a CUDA GPU, and torch sees none")
         need = tuple(tgt.get("compute_capability") or (0, 0))
         have = torch.cuda.get_device_capability(device)
+        if tgt.get("exact_capability") and tuple(have) != need:
+            raise ArtifactError(f"artifact for {tgt['name']} holds {need[0]}.{need[1]}-only code (wgmma, sm_"
+                                f"{need[0]}{need[1]}a) and {torch.cuda.get_device_name(device)} is {have[0]}.{have[1]}: "
+                                f"build for its architecture without wgmma paths")
         if have < need:
             raise ArtifactError(f"artifact for {tgt['name']} needs compute capability {need[0]}.{need[1]} or newer; "
                                 f"{torch.cuda.get_device_name(device)} is {have[0]}.{have[1]}: build for its "

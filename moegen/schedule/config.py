@@ -56,6 +56,12 @@ class ExpertsConfig:
     # model dtype instead of fp32: half the scratch bytes written and read, one more rounding per slot
     # (as vLLM's fused MoE, whose intermediate_cache3 is in the model dtype); the K-sum stays fp32
     y_model_dtype: bool = False
+    # Hopper tensor cores (sm_90a, with mma): each warpgroup (128 threads) computes 64 rows x BN of the
+    # tile with wgmma from swizzled shared memory, the fp32 accumulator and the epilogue in registers;
+    # the operands stream through a ring of `stages` cp.async buffers of BK = 64 (kernels/experts_wgmma.py).
+    # block_m: a multiple of 64 (block_m / 64 warpgroups); block_n_*: multiples of 64, at most 256;
+    # warp_m, warp_n, block_k and dynamic_smem are the mma.sync fallback's (fit_config)
+    wgmma: bool = False
 
 
 @dataclass(frozen=True)
@@ -145,6 +151,10 @@ def config_ok(cfg: ExpertsConfig, shapes: ExpertShapes) -> str | None:
                     f">= 32 (not {th})")
     if cfg.group_m != 1 and not cfg.mma:
         return f"group_m {cfg.group_m} needs mma (CUDA-core tiles keep one block per row of the grid)"
+    if cfg.wgmma and not cfg.mma:
+        return "wgmma needs mma true (it is the Hopper form of the tensor-core path)"
+    if cfg.wgmma:
+        return _wgmma_ok(cfg, shapes)
     if cfg.mma:
         return _mma_ok(cfg, shapes)
     if cfg.vector_loads:
@@ -186,6 +196,39 @@ def _mma_ok(cfg: ExpertsConfig, shapes: ExpertShapes) -> str | None:
     return None
 
 
+WGMMA_SHARED_BYTES = 227 * 1024  # dynamic shared memory per thread block on sm_90
+
+
+def _wgmma_ok(cfg: ExpertsConfig, shapes: ExpertShapes) -> str | None:
+    from ..kernels.experts_wgmma import ATOM_COLS, BK, WG_ROWS, WgmmaTile
+
+    if shapes.dtype not in ("float16", "bfloat16"):
+        return f"wgmma needs float16 or bfloat16 weights, not {shapes.dtype}"
+    if shapes.weight_on_input:
+        return "wgmma: the routing weight on the input is applied by the mma.sync kernels only"
+    if not cfg.sort or not cfg.grid_blocks:
+        return "wgmma needs sort true and grid_blocks true"
+    if cfg.stages < 2:
+        return f"wgmma: stages {cfg.stages} < 2 (the operand ring)"
+    if cfg.group_m < 1:
+        return f"wgmma: group_m {cfg.group_m} < 1"
+    if cfg.block_m % WG_ROWS:
+        return f"wgmma: block_m {cfg.block_m} is not a multiple of {WG_ROWS} (rows per warpgroup)"
+    for field, n in (("block_n_up", cfg.block_n_up), ("block_n_down", cfg.block_n_down)):
+        if n % ATOM_COLS or n > 256:
+            return f"wgmma: {field} {n} must be a multiple of {ATOM_COLS} and at most 256"
+        if field == "block_n_up" and shapes.gated and shapes.intermediate % (n // 2):
+            return f"wgmma: half of block_n_up {n} does not divide I {shapes.intermediate} (gate and up halves)"
+        smem = WgmmaTile(cfg.block_m, n, cfg.stages).smem_bytes
+        if smem > WGMMA_SHARED_BYTES:
+            return (f"wgmma: {cfg.stages} stages of block_m {cfg.block_m} x {field} {n} need {smem} bytes of "
+                    f"shared memory (at most {WGMMA_SHARED_BYTES})")
+    for what, k in (("Hp", shapes.hidden), ("I", shapes.intermediate)):
+        if k % BK:
+            return f"wgmma: its reduction step {BK} does not divide {what} {k}"
+    return None
+
+
 VECTOR_BYTES = 16  # one 128-bit load per thread
 
 
@@ -209,6 +252,11 @@ def _fit(n: int, want: int, step: int = 1) -> int:
 
 def fit_config(cfg: ExpertsConfig, shapes: ExpertShapes) -> ExpertsConfig:
     """The tuned config shrunk to divisors of this layer's widths (irregular test sizes need it)."""
+    if cfg.wgmma:
+        fitted = _fit_wgmma(cfg, shapes)
+        if config_ok(fitted, shapes) is None:
+            return fitted
+        cfg = dataclasses.replace(cfg, wgmma=False)  # widths, dtype or options wgmma cannot take: mma.sync
     step = 2 if shapes.gated else 1
     fitted = dataclasses.replace(
         cfg,
@@ -238,6 +286,17 @@ def fit_config(cfg: ExpertsConfig, shapes: ExpertShapes) -> ExpertsConfig:
     why = config_ok(fitted, shapes)
     assert why is None, why
     return fitted
+
+
+def _fit_wgmma(cfg: ExpertsConfig, shapes: ExpertShapes) -> ExpertsConfig:
+    """Tile widths in whole 64-column swizzle atoms (gpt-oss-20b's Hp 2880: 64 or 192, not 128); a gated
+    tile's halves divide I."""
+    from ..kernels.experts_wgmma import ATOM_COLS
+
+    up = (2 * _fit(shapes.intermediate, cfg.block_n_up // 2, ATOM_COLS // 2) if shapes.gated
+          else _fit(shapes.n13, cfg.block_n_up, ATOM_COLS))
+    return dataclasses.replace(cfg, block_n_up=up, block_n_down=_fit(shapes.hidden, cfg.block_n_down, ATOM_COLS),
+                               combine_n=_fit(shapes.hidden, cfg.combine_n))
 
 
 class ScheduleError(ValueError):

@@ -56,6 +56,11 @@ def dispatch_threads(func, name: str) -> s_tir.Schedule:
     return _schedule(func, name)
 
 
+def experts_wgmma(func, name: str) -> s_tir.Schedule:
+    """kernels.experts_wgmma names its threads, shared memory and instructions itself: nothing to schedule."""
+    return _schedule(func, name)
+
+
 def _tile_gemm(sch: s_tir.Schedule, name: str, gemm: str, acc_scope: str, split_k: int,
                pair_halves: bool = False):
     """(weight tile, sorted block) -> thread block, tile column -> threadIdx.x. Blocks past num_blocks

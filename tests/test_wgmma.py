@@ -1,0 +1,134 @@
+"""Hopper wgmma expert kernels (kernels/experts_wgmma.py) on the CPU box: config checks and fitting,
+the generated CUDA (warpgroup MMA from swizzled shared memory, a cp.async ring, no shared accumulator),
+sm_90a machine code, and the refusals (other targets at build, other GPUs at load). Their numbers are
+checked on the H100 (scripts/gpu_check.py on scripts/specs/wgmma-*.yaml, `moegen tune run`; docs/perf.md)."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from pathlib import Path
+
+import pytest
+import yaml
+
+from moegen.artifact import ArtifactError, fatbin_entries, read_manifest
+from moegen.build import build, expert_shapes
+from moegen.schedule.config import ExpertsConfig, ScheduleError, config_ok, fit_config
+from moegen.spec import load_spec
+
+SCRIPT_SPECS = Path(__file__).resolve().parents[1] / "scripts" / "specs"
+WG = dict(block_m=128, block_n_up=128, block_n_down=128, combine_n=128, gather_rows=False, grid_blocks=True,
+          dispatch_threads=128, dispatch_tile=128, mma=True, wgmma=True, block_k=64, warp_m=64, warp_n=64,
+          stages=3, dynamic_smem=True)
+
+
+def _shapes(name: str, **change):
+    return expert_shapes(dataclasses.replace(load_spec(SCRIPT_SPECS / f"{name}.yaml"), **change))
+
+
+def test_config_ok_names_the_wgmma_limits():
+    shapes = _shapes("wgmma-silu-small")  # Hp 320, I 192, gated
+    ok = dict(WG, block_n_up=128, block_n_down=64, combine_n=64)
+    assert config_ok(ExpertsConfig(**ok), shapes) is None
+    for bad, why in ((dict(mma=False), "wgmma needs mma true"),
+                     (dict(block_m=96), "block_m 96 is not a multiple of 64"),
+                     (dict(block_n_down=32), "block_n_down 32 must be a multiple of 64"),
+                     (dict(block_n_up=384), "block_n_up 384 must be a multiple of 64 and at most 256"),
+                     (dict(stages=1), "stages 1 < 2"),
+                     (dict(stages=8), "shared memory (at most"),
+                     (dict(sort=False, block_m=1, split_k=1), "wgmma needs sort true"),
+                     (dict(block_n_up=256), "does not divide")):
+        got = config_ok(ExpertsConfig(**dict(ok, **bad)), shapes)
+        assert got is not None and why in got, (bad, got)
+    assert "reduction step 64 does not divide I 96" in config_ok(
+        ExpertsConfig(**dict(ok, block_n_up=64)), _shapes("wgmma-silu-small", intermediate_size=96))
+    assert "routing weight on the input" in config_ok(
+        ExpertsConfig(**ok), dataclasses.replace(shapes, weight_on_input=True))
+    assert "float16 or bfloat16" in config_ok(ExpertsConfig(**ok), dataclasses.replace(shapes, dtype="float32"))
+
+
+def test_fit_config_keeps_whole_atoms_or_falls_back_to_mma_sync():
+    gpt = _shapes("wgmma-gptoss-small", hidden_size=2880, intermediate_size=2880)  # gpt-oss-20b, unpadded
+    gpt = dataclasses.replace(gpt, hidden=2880)
+    f = fit_config(ExpertsConfig(**WG), gpt)  # Hp 2880 = 45 x 64: 64-wide down tiles, not 120
+    assert f.wgmma and (f.block_n_up, f.block_n_down) == (128, 64)
+    assert fit_config(ExpertsConfig(**dict(WG, block_n_down=256)), gpt).block_n_down == 192
+    tiny = expert_shapes(load_spec(Path(__file__).resolve().parents[1] / "examples/specs/tiny.yaml"))  # I 96
+    f = fit_config(ExpertsConfig(**dict(WG, warp_n=32)), tiny)  # I 96 is no multiple of the k step 64
+    assert not f.wgmma and f.mma and config_ok(f, tiny) is None
+
+
+@pytest.fixture(scope="module")
+def wgmma_artifact(tmp_path_factory):
+    """wgmma-silu-small (bf16, gated) and wgmma-relu2-small-fp16 (fp16, relu2) with one wgmma path."""
+    out = tmp_path_factory.mktemp("wgmma")
+    sched = out / "s.yaml"
+    sched.write_text(yaml.safe_dump({"paths": [
+        {"name": "w", "max_rows_per_expert": None, "experts": dict(WG, group_m=4, y_model_dtype=True)}]}))
+    return {n: build(load_spec(SCRIPT_SPECS / f"{n}.yaml"), "cuda-sm90", out, golden=False, schedules=sched)
+            for n in ("wgmma-silu-small", "wgmma-relu2-small-fp16")}
+
+
+def _kernel(src: str, name: str) -> str:
+    start = src.index(f"{name}_kernel(", src.index(f"{name}_kernel(") + 1)
+    end = src.find('extern "C" __global__', start)
+    return src[start:end if end > 0 else None]
+
+
+@pytest.mark.parametrize("name,ab", [("wgmma-silu-small", "bf16"), ("wgmma-relu2-small-fp16", "f16")])
+def test_wgmma_kernels_use_warpgroup_mma_from_a_cp_async_ring(wgmma_artifact, name, ab):
+    root = wgmma_artifact[name]
+    m = read_manifest(root)
+    (path,) = m["paths"]
+    assert path["config"]["wgmma"]
+    src = (root / "moe.cu").read_text()
+    for fn in ("experts_up_w", "experts_down_w"):
+        k = _kernel(src, fn)
+        assert f"wgmma.mma_async.sync.aligned.m64n{path['config']['block_n_up' if 'up' in fn else 'block_n_down']}k16" \
+               f".f32.{ab}.{ab}" in src
+        for piece in ("wgmma_bf16_ss" if ab == "bf16" else "wgmma_f16_ss", "cp_async_cg", "wait_group",
+                      "fence_proxy", "__syncthreads"):
+            assert piece in k, (fn, piece)
+        assert "ldmatrix" not in k and "mma.sync" not in k, fn
+        guard = k.index("num_blocks_ptr[0]")
+        assert guard < k.index("cp_async") and guard < k.index("block_expert_ptr["), fn
+        # the ring asks for its stages plus alignment room, past 48 KiB
+        assert f"cudaFuncSetAttribute(::{fn}_kernel, cudaFuncAttributeMaxDynamicSharedMemorySize" in src, fn
+    assert f"(int64_t){3 * (128 + 128) * 128 + 1024}" in src  # 3 stages of 128 x 64 + 64 x 128, 1 KiB to align
+    # sm_90a machine code (wgmma needs it) plus its PTX, and the manifest says it runs on 9.0 only
+    assert "arch=compute_90a,code=sm_90a" in m["compiled"]["nvcc_flags"]
+    assert m["target"]["exact_capability"] is True
+    assert {(e["kind"], e["arch"]) for e in fatbin_entries(root / "moe.so")} == {("sass", 90), ("ptx", 90)}
+
+
+def test_plain_cuda_artifacts_stay_portable(artifact):
+    m = read_manifest(artifact("tiny", "cuda-sm90"))
+    assert "arch=compute_90,code=sm_90" in m["compiled"]["nvcc_flags"] and not m["target"]["exact_capability"]
+
+
+def test_wgmma_is_refused_for_non_hopper_targets(tmp_path):
+    sched = tmp_path / "s.yaml"
+    sched.write_text(yaml.safe_dump({"paths": [{"name": "w", "max_rows_per_expert": None, "experts": WG}]}))
+    with pytest.raises(ScheduleError, match="wgmma: true needs a Hopper target .cuda-sm90., not cuda-sm80"):
+        build(load_spec(SCRIPT_SPECS / "wgmma-silu-small.yaml"), "cuda-sm80", tmp_path, golden=False,
+              schedules=sched)
+    assert not list(tmp_path.glob("wgmma-silu-small/cuda-sm80*"))  # nothing half-written
+
+
+def test_loader_refuses_sm90a_code_on_another_gpu(wgmma_artifact, tmp_path, monkeypatch):
+    """An artifact with wgmma kernels runs on compute capability 9.0 only: a newer GPU (10.0) is refused
+    before anything loads, with a message naming both."""
+    import torch
+
+    from moegen.runtime import loader
+
+    m = read_manifest(wgmma_artifact["wgmma-silu-small"])
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (10, 0))
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "NVIDIA B200")
+    with pytest.raises(ArtifactError, match=r"9.0-only code \(wgmma, sm_90a\) and NVIDIA B200 is 10.0"):
+        loader.check_device(m, torch.device("cuda", 0))
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (9, 0))
+    loader.check_device(m, torch.device("cuda", 0))  # an H100: fine
+    json.dumps(m)  # (the manifest stays plain JSON)
