@@ -35,7 +35,7 @@ def test_config_ok_names_the_wgmma_limits():
                      (dict(block_m=96), "block_m 96 is not a multiple of 64"),
                      (dict(block_n_down=32), "block_n_down 32 must be a multiple of 64"),
                      (dict(block_n_up=384), "block_n_up 384 must be a multiple of 64 and at most 256"),
-                     (dict(stages=1), "stages 1 < 2"),
+                     (dict(stages=2), "stages 2 < 3"),
                      (dict(stages=8), "shared memory (at most"),
                      (dict(sort=False, block_m=1, split_k=1), "wgmma needs sort true"),
                      (dict(block_n_up=256), "does not divide")):

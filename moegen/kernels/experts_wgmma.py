@@ -12,7 +12,8 @@ columns per weight tile, BK = 64 reduction elements per pipeline step (one 128-b
 One thread block per (weight tile, sorted block), BM / 64 warpgroups of 128 threads; warpgroup w
 computes rows 64w .. 64w + 63 of the block against all BN columns, its fp32 accumulator in registers
 (BN / 2 per thread, wgmma's fragment layout). Per BK step the operands go through a ring of `stages`
-shared-memory buffers, filled with 16-byte cp.async copies STAGES - 1 steps ahead:
+shared-memory buffers, filled with 16-byte cp.async copies STAGES - 2 steps ahead while the MMAs of
+the step before run on (wgmma.wait_group 1; the ring's last buffer is the one they read):
     A [BM, BK]  K-major (rows gathered from x: token of sorted_ids[row]; down: act rows in place),
                 128-byte swizzle: chunk q (16 bytes) of row r at r * 128 + (q ^ r % 8) * 16
     B [BK, BN]  the packed tile w[e, t, k, :] is N-major: atoms of 64 columns, BK rows of 128 bytes each,
@@ -42,6 +43,10 @@ WG_ROWS = 64  # rows per wgmma (m64)
 MMA_K = 16  # reduction per wgmma
 ALIGN = 1024  # the swizzle repeats every 1024 bytes: operand buffers start on that boundary
 DESC_SWIZZLE_128B = 1  # wgmma descriptor layout type
+# an empty asm that reads and writes one accumulator register: the compiler cannot move its uses above it
+# (TVM's T.cuda.wgmma.noop_barrier does this for a scalar, but its codegen fails on a buffer element)
+FENCE_ACC = ('__device__ __forceinline__ void moegen_fence_acc(float& r) '
+             '{ asm volatile("" : "+f"(r) :: "memory"); }')
 
 
 @dataclass(frozen=True)
@@ -50,7 +55,7 @@ class WgmmaTile:
 
     block_m: int  # BM, a multiple of 64: BM / 64 warpgroups
     block_n: int  # BN, a multiple of 64 (B's swizzle atoms), at most 256 (wgmma's widest N)
-    stages: int  # shared-memory buffers in the ring (>= 2)
+    stages: int  # shared-memory buffers in the ring (>= 3: STAGES - 2 steps load ahead, one MMA step in flight)
     group_m: int = 1  # G: raster group of sorted blocks sharing a weight tile (blockIdx.x = t * G + b % G)
 
     @property
@@ -103,7 +108,7 @@ def _wgmma_gemm_func(s: ExpertShapes, tile: WgmmaTile, up: bool, y_dtype: str):
     g_out_dt = g_dt if up else y_dtype
     g_mma = _mma_call(g_dt, g_BN)
     g_smem_elems = tile.smem_bytes // 2
-    assert g_BM % WG_ROWS == 0 and g_BN % ATOM_COLS == 0 and g_BN <= 256 and g_S >= 2, tile
+    assert g_BM % WG_ROWS == 0 and g_BN % ATOM_COLS == 0 and g_BN <= 256 and g_S >= 3, tile
     assert g_KD % BK == 0 and g_A_PER * g_TH == g_BM * BK // CHUNK and g_B_PER * g_TH == BK * g_BN // CHUNK
     assert not g_woi, "the routing weight on the input is applied by the mma.sync kernels only"
     tok = token_var()
@@ -148,17 +153,19 @@ def _wgmma_gemm_func(s: ExpertShapes, tile: WgmmaTile, up: bool, y_dtype: str):
                     arow[i] = blk * g_BM + (i * g_TH + tx) // (BK // CHUNK)
             for j in T.unroll(g_ACC):
                 acc[j] = T.float32(0)
-            for p in T.unroll(g_S - 1):  # prologue: the first STAGES - 1 steps in flight
+            for p in T.unroll(g_S - 2):  # prologue: the first STAGES - 2 steps in flight
                 if p < g_nk:
                     _load_step(p, p, base, a, w, e, nt, arow, tx, g_A_PER, g_B_PER, g_TH, g_BROW, g_A_BYTES,
                                g_STAGE, g_ATOM_BYTES)
                 T.ptx.cp.async_.commit_group()
             for k in range(g_nk):
-                T.ptx.cp.async_.wait_group(g_S - 2)  # step k has landed (this thread's copies)
+                T.ptx.cp.async_.wait_group(g_S - 3)  # step k has landed (this thread's copies)
                 T.ptx.fence.proxy.async_.shared__cta()  # ... and is visible to the tensor cores
-                T.tvm_storage_sync("shared")  # every thread's copies; and step k - 1's buffer is free
-                if k + (g_S - 1) < g_nk:
-                    _load_step(k + (g_S - 1), (k + (g_S - 1)) % g_S, base, a, w, e, nt, arow, tx, g_A_PER,
+                # every thread's copies of step k are in; every warpgroup's MMAs of step k - 2 are done
+                # (each waited for all but its last group before coming here): step k - 2's buffer is free
+                T.tvm_storage_sync("shared")
+                if k + (g_S - 2) < g_nk:
+                    _load_step(k + (g_S - 2), (k + (g_S - 2)) % g_S, base, a, w, e, nt, arow, tx, g_A_PER,
                                g_B_PER, g_TH, g_BROW, g_A_BYTES, g_STAGE, g_ATOM_BYTES)
                 T.ptx.cp.async_.commit_group()
                 T.ptx.wgmma.fence.sync.aligned()
@@ -170,7 +177,10 @@ def _wgmma_gemm_func(s: ExpertShapes, tile: WgmmaTile, up: bool, y_dtype: str):
                                 g_ATOM_BYTES, SWIZZLE_ROWS * ROW_BYTES),
                           True, 1, 1, 0, 1)
                 T.ptx.wgmma.commit_group.sync.aligned()
-                T.ptx.wgmma.wait_group.sync.aligned(0)
+                T.ptx.wgmma.wait_group.sync.aligned(1)  # step k's MMAs run on while step k + 1 starts
+            T.ptx.wgmma.wait_group.sync.aligned(0)
+            for j in T.unroll(g_ACC):  # the accumulators are read only after the last MMA (no hoisting)
+                T.cuda.func_call("moegen_fence_acc", acc[j], source_code=FENCE_ACC)
             # epilogue on the registers: accumulator j is row 16 * warp + lane / 4 + 8 * (j % 4 / 2) of
             # the warpgroup's 64, column 8 * (j / 4) + 2 * (lane % 4) + j % 2
             if not up:

@@ -208,8 +208,8 @@ def _wgmma_ok(cfg: ExpertsConfig, shapes: ExpertShapes) -> str | None:
         return "wgmma: the routing weight on the input is applied by the mma.sync kernels only"
     if not cfg.sort or not cfg.grid_blocks:
         return "wgmma needs sort true and grid_blocks true"
-    if cfg.stages < 2:
-        return f"wgmma: stages {cfg.stages} < 2 (the operand ring)"
+    if cfg.stages < 3:
+        return f"wgmma: stages {cfg.stages} < 3 (the operand ring: loads two steps behind, one MMA step in flight)"
     if cfg.group_m < 1:
         return f"wgmma: group_m {cfg.group_m} < 1"
     if cfg.block_m % WG_ROWS:
