@@ -123,9 +123,10 @@ def expand_candidates(data: Any, source: str) -> list:
     return out
 
 
-def filter_candidates(configs: list, shapes) -> tuple[list[dict], list[dict]]:
-    """Fit every candidate to the layer's widths, drop what config_ok rejects and what fits to a config
-    already kept. Returns (kept [{id, config, fitted}], rejected [{config, why}])."""
+def filter_candidates(configs: list, shapes, target=None) -> tuple[list[dict], list[dict]]:
+    """Fit every candidate to the layer's widths, drop what config_ok rejects, what the target cannot
+    build (wgmma outside Hopper) and what fits to a config already kept. Returns (kept [{id, config,
+    fitted}], rejected [{config, why}])."""
     import dataclasses
 
     from .schedule.config import config_ok, fit_config
@@ -138,6 +139,8 @@ def filter_candidates(configs: list, shapes) -> tuple[list[dict], list[dict]]:
             why = config_ok(fitted, shapes)
         except AssertionError as e:
             why = str(e)
+        if why is None and fitted.wgmma and target is not None and not target.extra.get("wgmma"):
+            why = f"wgmma needs a Hopper target (cuda-sm90), not {target.name}"
         if why is not None:
             rejected.append({"config": asked, "why": why})
             continue
@@ -186,7 +189,7 @@ def build_candidates(spec, target_name: str, candidates_path: Path | str, tune_d
 
     target = load_target(target_name)
     configs = load_candidates_file(candidates_path)
-    kept, rejected = filter_candidates(configs, expert_shapes(spec))
+    kept, rejected = filter_candidates(configs, expert_shapes(spec), target)
     for r in rejected:
         echo(f"  skipped {r['config']}: {r['why']}")
     if not kept:

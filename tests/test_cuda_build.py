@@ -4,6 +4,8 @@ Correctness on a GPU is checked on the H100 (docs/perf.md), never in CI."""
 
 from __future__ import annotations
 
+import re
+
 import pytest
 import torch
 
@@ -198,18 +200,42 @@ def test_sorted_paths_dispatch_over_tiles_and_raster_the_grid(artifact, tmp_path
     m, src = read_manifest(root), (root / "moe.cu").read_text()
     grouped = [p for p in m["paths"] if p["config"].get("group_m", 1) > 1]
     assert grouped and all(p["config"]["mma"] for p in grouped)
-    for p in grouped:
-        g = p["config"]["group_m"]
-        for fn in (f"experts_up_{p['name']}", f"experts_down_{p['name']}"):
-            k = _kernel(src, fn)
-            guard = k.index("num_blocks_ptr[0]")
-            line = k[k.rindex("\n", 0, guard):guard]
-            assert f"(((int64_t)blockIdx.y) * (int64_t){g}) + " in line and "blockIdx.x" in line, (fn, line)
-            assert guard < k.index("ldmatrix"), fn
-        # (the down GEMM's Hp 128 is one weight tile: there blockIdx.x < G is the block in its group)
-        k = _kernel(src, f"experts_up_{grouped[0]['name']}")
-        assert f"(((int64_t)blockIdx.x) & (int64_t){g - 1})" in k.split("num_blocks_ptr[0]")[0]
-        assert f"((int64_t)blockIdx.x) >> (int64_t){g.bit_length() - 1}" in k  # the weight tile
+    # cuda-sm90.yaml's prefill paths run on wgmma (tests/test_wgmma.py), which rasters in the kernel
+    # itself (kernels/experts_wgmma.py); the same config without wgmma takes the mma.sync raster
+    # (schedule.cuda._exit_past_blocks)
+    assert all(p["config"]["wgmma"] for p in grouped)
+    mma = build(dataclasses.replace(load_spec(SPECS / "tiny.yaml"), intermediate_size=128), "cuda-sm90",
+                tmp_path / "mma", golden=False, schedules=_without_wgmma(tmp_path))
+    for root in (root, mma):
+        m, src = read_manifest(root), (root / "moe.cu").read_text()
+        for p in (p for p in m["paths"] if p["config"].get("group_m", 1) > 1):
+            g, first_load = p["config"]["group_m"], "cp_async" if p["config"]["wgmma"] else "ldmatrix"
+            for fn in (f"experts_up_{p['name']}", f"experts_down_{p['name']}"):
+                k = _kernel(src, fn)
+                guard = k.index("num_blocks_ptr[0]")
+                head = k[:guard]
+                assert f"(((int64_t)blockIdx.y) * (int64_t){g}) + " in head and "blockIdx.x" in head, (fn, head)
+                assert guard < k.index(first_load), fn
+            # (the down GEMM's Hp 128 is one weight tile: there blockIdx.x < G is the block in its group)
+            # (wgmma's kernel names blockIdx.x through an int cast: ((int64_t)((int)blockIdx.x)))
+            k = _kernel(src, f"experts_up_{p['name']}")
+            x = r"\(\(int64_t\)(?:\(\(int\))?blockIdx\.x\)?\)"
+            assert re.search(x + rf" & \(int64_t\){g - 1}\)", k.split("num_blocks_ptr[0]")[0]), p["name"]
+            assert re.search(x + rf" >> \(int64_t\){g.bit_length() - 1}", k), p["name"]  # the weight tile
+
+
+def _without_wgmma(tmp_path):
+    """schedules/cuda-sm90.yaml with wgmma off on every path (the mma.sync fallback of the same tiles)."""
+    import yaml
+
+    from moegen.schedule.config import SCHEDULES_DIR
+
+    data = yaml.safe_load((SCHEDULES_DIR / "cuda-sm90.yaml").read_text())
+    for p in data["paths"]:
+        p["experts"]["wgmma"] = False
+    out = tmp_path / "no-wgmma.yaml"
+    out.write_text(yaml.safe_dump(data))
+    return out
 
 
 def test_decode_path_loads_weights_16_bytes_at_a_time(artifact):

@@ -107,6 +107,22 @@ def test_plain_cuda_artifacts_stay_portable(artifact):
     assert "arch=compute_90,code=sm_90" in m["compiled"]["nvcc_flags"] and not m["target"]["exact_capability"]
 
 
+def test_tuning_skips_wgmma_candidates_outside_hopper():
+    """The default candidates file serves every CUDA target: its wgmma tiles are tuned on cuda-sm90 and
+    skipped, with the reason, elsewhere."""
+    from moegen import tune
+    from moegen.targets import load_target
+
+    cfgs = tune.load_candidates_file(tune.CANDIDATES_DIR / "cuda.yaml")
+    shapes = expert_shapes(load_spec(Path(__file__).resolve().parents[1] / "examples/specs/qwen3-30b-a3b.yaml"))
+    hopper, _ = tune.filter_candidates(cfgs, shapes, load_target("cuda-sm90"))
+    ampere, skipped = tune.filter_candidates(cfgs, shapes, load_target("cuda-sm80"))
+    n = sum(c["fitted"]["wgmma"] for c in hopper)
+    assert n == 4 and len(ampere) == len(hopper) - n and not any(c["fitted"]["wgmma"] for c in ampere)
+    assert len(skipped) == n and all("wgmma needs a Hopper target (cuda-sm90), not cuda-sm80" in r["why"]
+                                     for r in skipped)
+
+
 def test_wgmma_is_refused_for_non_hopper_targets(tmp_path):
     sched = tmp_path / "s.yaml"
     sched.write_text(yaml.safe_dump({"paths": [{"name": "w", "max_rows_per_expert": None, "experts": WG}]}))

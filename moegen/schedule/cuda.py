@@ -13,8 +13,8 @@ A decode path without the sort (config.sort false) skips the dispatch kernel: it
 EP rank's experts exit with the blocks past num_blocks. Tensor-core tiles may live in dynamic shared
 memory (config.dynamic_smem) to pass 48 KiB, and their grid may be rastered in groups of sorted blocks
 that share a weight tile (config.group_m, applied by _exit_past_blocks).
-Not done yet (issue 3): wgmma, a register-epilogue prefill tile that beats Triton's from 256 tokens up
-(docs/perf.md).
+On Hopper, paths with config.wgmma take the thread-level kernels of kernels/experts_wgmma.py instead
+(warpgroup MMA, accumulators and epilogue in registers): `experts_wgmma` has nothing left to schedule.
 """
 
 from __future__ import annotations
