@@ -83,3 +83,10 @@ NO_TVM_PRELUDE = textwrap.dedent(r'''
     else:
         raise SystemExit("CHILD ERROR: `import tvm` succeeded although it is blocked")
 ''')
+
+
+def kernel_source(src: str, name: str) -> str:
+    """One kernel's definition in an artifact's CUDA source (moe.cu), up to the next kernel."""
+    start = src.index(f"{name}_kernel(", src.index(f"{name}_kernel(") + 1)
+    end = src.find('extern "C" __global__', start)
+    return src[start:end if end > 0 else None]

@@ -9,7 +9,7 @@ import re
 import pytest
 import torch
 
-from conftest import SPECS
+from conftest import SPECS, kernel_source as _kernel
 from moegen.artifact import ArtifactError, fatbin_entries, read_manifest
 from moegen.reference import random_weights
 from moegen.runtime import MoERunner
@@ -72,13 +72,6 @@ def test_gpu_routing_is_a_warp_per_token_grouped_or_not(artifact):
 # ---- tensor cores ----------------------------------------------------------------------------------
 
 MMA_PTX = "mma.sync.aligned.m16n8k16.row.col.f32.{ab}.{ab}.f32"
-
-
-def _kernel(src: str, name: str) -> str:
-    """One kernel's definition in an artifact's CUDA source, up to the next kernel."""
-    start = src.index(f"{name}_kernel(", src.index(f"{name}_kernel(") + 1)
-    end = src.find('extern "C" __global__', start)
-    return src[start:end if end > 0 else None]
 
 
 @pytest.mark.parametrize("dtype,ab", [("bfloat16", "bf16"), ("float16", "f16")])

@@ -6,12 +6,12 @@ checked on the H100 (scripts/gpu_check.py on scripts/specs/wgmma-*.yaml, `moegen
 from __future__ import annotations
 
 import dataclasses
-import json
 from pathlib import Path
 
 import pytest
 import yaml
 
+from conftest import kernel_source as _kernel
 from moegen.artifact import ArtifactError, fatbin_entries, read_manifest
 from moegen.build import build, expert_shapes
 from moegen.schedule.config import ExpertsConfig, ScheduleError, config_ok, fit_config
@@ -68,12 +68,6 @@ def wgmma_artifact(tmp_path_factory):
         {"name": "w", "max_rows_per_expert": None, "experts": dict(WG, group_m=4, y_model_dtype=True)}]}))
     return {n: build(load_spec(SCRIPT_SPECS / f"{n}.yaml"), "cuda-sm90", out, golden=False, schedules=sched)
             for n in ("wgmma-silu-small", "wgmma-relu2-small-fp16")}
-
-
-def _kernel(src: str, name: str) -> str:
-    start = src.index(f"{name}_kernel(", src.index(f"{name}_kernel(") + 1)
-    end = src.find('extern "C" __global__', start)
-    return src[start:end if end > 0 else None]
 
 
 @pytest.mark.parametrize("name,ab", [("wgmma-silu-small", "bf16"), ("wgmma-relu2-small-fp16", "f16")])
@@ -147,4 +141,3 @@ def test_loader_refuses_sm90a_code_on_another_gpu(wgmma_artifact, tmp_path, monk
         loader.check_device(m, torch.device("cuda", 0))
     monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (9, 0))
     loader.check_device(m, torch.device("cuda", 0))  # an H100: fine
-    json.dumps(m)  # (the manifest stays plain JSON)
