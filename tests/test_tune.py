@@ -94,7 +94,7 @@ def test_candidates_filtered_by_config_ok_after_fitting():
 def test_shipped_candidate_files_fit_the_real_specs():
     # at most 24: about 0.6 MB per CUDA candidate artifact, and a tune bundle of a few shapes must fit the
     # GPU box's 64 MiB carry
-    for family, n in (("cuda", 22), ("cpu", 9)):
+    for family, n in (("cuda", 24), ("cpu", 9)):
         cfgs = tune.load_candidates_file(tune.CANDIDATES_DIR / f"{family}.yaml")
         assert len(cfgs) == n <= 24
         for name in ("qwen3-30b-a3b", "mixtral-8x7b"):
