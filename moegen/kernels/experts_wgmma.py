@@ -31,7 +31,7 @@ from dataclasses import dataclass
 from tvm.script import tirx as T
 
 from . import token_var
-from .experts import ExpertShapes, _act
+from .experts import ExpertShapes, _act, _max_blocks
 
 BK = 64  # reduction elements per step: one 128-byte swizzle row of a 16-bit operand
 ROW_BYTES = 128  # the swizzle span
@@ -113,10 +113,9 @@ def _wgmma_gemm_func(s: ExpertShapes, tile: WgmmaTile, up: bool, y_dtype: str):
     assert not g_woi, "the routing weight on the input is applied by the mma.sync kernels only"
     tok = token_var()
     n_slots = tok * g_K
-    n_blocks = (n_slots + (g_BM - 1)) // g_BM + g_El
+    n_blocks = _max_blocks(n_slots, g_BM, g_El, False)
     n_groups = (n_blocks + (g_G - 1)) // g_G
     a_rows = tok if up else n_blocks * g_BM  # x [T, Hp] | act [MP, I]
-    w_rows = g_KD
 
     @T.prim_func
     def gemm(a_h: T.handle, tw_h: T.handle, sorted_h: T.handle, bexp_h: T.handle, nblk_h: T.handle,
@@ -127,7 +126,7 @@ def _wgmma_gemm_func(s: ExpertShapes, tile: WgmmaTile, up: bool, y_dtype: str):
         sorted_ids = T.match_buffer(sorted_h, (n_blocks * g_BM,), "int32")
         block_expert = T.match_buffer(bexp_h, (n_blocks,), "int32")
         num_blocks = T.match_buffer(nblk_h, (1,), "int32")
-        w = T.match_buffer(w_h, (g_El, g_NT, w_rows, g_BN), g_dt)
+        w = T.match_buffer(w_h, (g_El, g_NT, g_KD, g_BN), g_dt)
         bias = T.match_buffer(b_h, (g_El, g_NT, g_BN), g_dt)
         out = T.match_buffer(out_h, (n_blocks * g_BM, g_out_w), g_out_dt)
         bx = T.launch_thread("blockIdx.x", g_NT * g_G)
