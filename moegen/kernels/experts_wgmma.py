@@ -38,6 +38,8 @@ ROW_BYTES = 128  # the swizzle span
 SWIZZLE_ROWS = 8  # rows per swizzle pattern (1024 bytes)
 ATOM_COLS = 64  # N-major B: columns per swizzle atom
 CHUNK = 8  # 16-bit elements per 16-byte copy
+CHUNK_BYTES = 16  # one cp.async, and the swizzle's unit
+ROW_CHUNKS = ROW_BYTES // CHUNK_BYTES  # 16-byte chunks per 128-byte row (of A, and of one B atom)
 WARPGROUP = 128
 WG_ROWS = 64  # rows per wgmma (m64)
 MMA_K = 16  # reduction per wgmma
@@ -97,7 +99,7 @@ def _wgmma_gemm_func(s: ExpertShapes, tile: WgmmaTile, up: bool, y_dtype: str):
     g_half = g_BN // 2 if (up and s.gated) else g_BN  # output columns per tile
     g_out_w = g_I if up else g_H
     g_nk = g_KD // BK
-    g_A_PER = g_BM * (BK // CHUNK) // g_TH  # A chunks per thread per step (4)
+    g_A_PER = g_BM * ROW_CHUNKS // g_TH  # A chunks per thread per step (4)
     g_B_PER = BK * (g_BN // CHUNK) // g_TH  # B chunks per thread per step
     g_BROW = g_BN // CHUNK  # 16-byte chunks per B row
     g_A_BYTES, g_STAGE = g_BM * ROW_BYTES, tile.stage_bytes
@@ -106,10 +108,11 @@ def _wgmma_gemm_func(s: ExpertShapes, tile: WgmmaTile, up: bool, y_dtype: str):
     g_gated, g_bias, g_woi = up and s.gated, s.expert_bias, s.weight_on_input
     g_act, g_alpha, g_limit = s.activation, s.swiglu_alpha, s.swiglu_limit
     g_out_dt = g_dt if up else y_dtype
+    g_kind = "gated" if g_gated else ("up" if up else "down")
     g_mma = _mma_call(g_dt, g_BN)
     g_smem_elems = tile.smem_bytes // 2
     assert g_BM % WG_ROWS == 0 and g_BN % ATOM_COLS == 0 and g_BN <= 256 and g_S >= 3, tile
-    assert g_KD % BK == 0 and g_A_PER * g_TH == g_BM * BK // CHUNK and g_B_PER * g_TH == BK * g_BN // CHUNK
+    assert g_KD % BK == 0 and g_A_PER * g_TH == g_BM * ROW_CHUNKS and g_B_PER * g_TH == BK * g_BN // CHUNK
     assert not g_woi, "the routing weight on the input is applied by the mma.sync kernels only"
     tok = token_var()
     n_slots = tok * g_K
@@ -146,10 +149,10 @@ def _wgmma_gemm_func(s: ExpertShapes, tile: WgmmaTile, up: bool, y_dtype: str):
             # this thread's A rows (their start in a): gathered tokens (up) or the block's rows (down)
             for i in T.unroll(g_A_PER):
                 if up:
-                    arow[i] = T.min(T.Cast("int64", sorted_ids[blk * g_BM + (i * g_TH + tx) // (BK // CHUNK)]),
+                    arow[i] = T.min(T.Cast("int64", sorted_ids[blk * g_BM + (i * g_TH + tx) // ROW_CHUNKS]),
                                     n_slots - 1) // g_K
                 else:
-                    arow[i] = blk * g_BM + (i * g_TH + tx) // (BK // CHUNK)
+                    arow[i] = blk * g_BM + (i * g_TH + tx) // ROW_CHUNKS
             for j in T.unroll(g_ACC):
                 acc[j] = T.float32(0)
             for p in T.unroll(g_S - 2):  # prologue: the first STAGES - 2 steps in flight
@@ -188,23 +191,25 @@ def _wgmma_gemm_func(s: ExpertShapes, tile: WgmmaTile, up: bool, y_dtype: str):
                         T.min(T.Cast("int64", sorted_ids[blk * g_BM + _row(tx, h)]), n_slots - 1) // g_K,
                         T.min(T.Cast("int64", sorted_ids[blk * g_BM + _row(tx, h)]), n_slots - 1) % g_K]
             for j in T.unroll(g_ACC // 2 if g_gated else g_ACC):
-                if g_gated:
-                    out[blk * g_BM + _row(tx, j % 4 // 2), nt * g_half + _col(tx, j)] = T.Cast(g_out_dt, _act(
-                        g_act,
-                        acc[j] + (T.Cast("float32", bias[e, nt, _col(tx, j)]) if g_bias else T.float32(0)),
-                        acc[j + g_ACC // 2] + (T.Cast("float32", bias[e, nt, g_half + _col(tx, j)]) if g_bias
-                                               else T.float32(0)),
-                        g_alpha, g_limit))
-                elif up:
-                    out[blk * g_BM + _row(tx, j % 4 // 2), nt * g_half + _col(tx, j)] = T.Cast(g_out_dt, _act(
-                        g_act, acc[j] + (T.Cast("float32", bias[e, nt, _col(tx, j)]) if g_bias else T.float32(0)),
-                        None, g_alpha, g_limit))
-                else:
-                    out[blk * g_BM + _row(tx, j % 4 // 2), nt * g_BN + _col(tx, j)] = T.Cast(
-                        g_out_dt, (acc[j] + (T.Cast("float32", bias[e, nt, _col(tx, j)]) if g_bias else T.float32(0)))
-                        * tw[j % 4 // 2])
+                out[blk * g_BM + _row(tx, j % 4 // 2), nt * g_half + _col(tx, j)] = T.Cast(
+                    g_out_dt, _value(g_kind, acc, bias, tw, e, nt, tx, j, g_ACC // 2, g_half, g_bias, g_act, g_alpha,
+                                     g_limit))
 
     return gemm
+
+
+def _value(kind, acc, bias, tw, e, nt, tx, j, acc_half, half, with_bias, act, alpha, limit):
+    """The fp32 output of accumulator j. gated: the activation of gate column c and up column c + BN/2
+    (accumulators j and j + acc_half); up: the activation of column c; down: (sum + bias) x the routing
+    weight of its row."""
+    def biased(jj, c):
+        return acc[jj] + (T.Cast("float32", bias[e, nt, c]) if with_bias else T.float32(0))
+
+    if kind == "gated":
+        return _act(act, biased(j, _col(tx, j)), biased(j + acc_half, half + _col(tx, j)), alpha, limit)
+    if kind == "up":
+        return _act(act, biased(j, _col(tx, j)), None, alpha, limit)
+    return biased(j, _col(tx, j)) * tw[j % 4 // 2]
 
 
 def _row(tx, h):
@@ -222,15 +227,18 @@ def _load_step(k, stage, base, a, w, e, nt, arow, tx, A_PER, B_PER, TH, BROW, A_
     """cp.async of reduction step k into ring buffer `stage`: this thread's A and B chunks."""
     for i in T.unroll(A_PER):
         T.ptx.cp.async_.cg.shared.global_(
-            base + T.Cast("uint32", stage * STAGE + (i * TH + tx) // 8 * ROW_BYTES
-                          + T.bitwise_xor((i * TH + tx) % 8, (i * TH + tx) // 8 % SWIZZLE_ROWS) * 16),
-            T.address_of(a[arow[i], T.Cast("int64", k) * BK + (i * TH + tx) % 8 * CHUNK]), 16)
+            base + T.Cast("uint32", stage * STAGE + (i * TH + tx) // ROW_CHUNKS * ROW_BYTES
+                          + T.bitwise_xor((i * TH + tx) % ROW_CHUNKS, (i * TH + tx) // ROW_CHUNKS % SWIZZLE_ROWS)
+                          * CHUNK_BYTES),
+            T.address_of(a[arow[i], T.Cast("int64", k) * BK + (i * TH + tx) % ROW_CHUNKS * CHUNK]), CHUNK_BYTES)
     for i in T.unroll(B_PER):
         T.ptx.cp.async_.cg.shared.global_(
-            base + T.Cast("uint32", stage * STAGE + A_BYTES + (i * TH + tx) % BROW // 8 * ATOM_BYTES
+            base + T.Cast("uint32", stage * STAGE + A_BYTES + (i * TH + tx) % BROW // ROW_CHUNKS * ATOM_BYTES
                           + (i * TH + tx) // BROW * ROW_BYTES
-                          + T.bitwise_xor((i * TH + tx) % BROW % 8, (i * TH + tx) // BROW % SWIZZLE_ROWS) * 16),
-            T.address_of(w[e, nt, T.Cast("int64", k) * BK + (i * TH + tx) // BROW, (i * TH + tx) % BROW * CHUNK]), 16)
+                          + T.bitwise_xor((i * TH + tx) % BROW % ROW_CHUNKS, (i * TH + tx) // BROW % SWIZZLE_ROWS)
+                          * CHUNK_BYTES),
+            T.address_of(w[e, nt, T.Cast("int64", k) * BK + (i * TH + tx) // BROW, (i * TH + tx) % BROW * CHUNK]),
+            CHUNK_BYTES)
 
 
 def experts_up_wgmma_func(s: ExpertShapes, tile: WgmmaTile):
