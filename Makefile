@@ -31,7 +31,7 @@ clean:
 
 # What a GPU box without TVM needs to check CUDA artifacts (built here, no GPU needed), in parts that each
 # fit the device tool's 64 MiB carry: gpu-bundle/whl (cp312 wheels of the runtime's dependencies, 14 MB),
-# gpu-bundle/artifacts (the example and scripts/specs artifacts), gpu-bundle/hf (the hf-*.yaml specs
+# gpu-bundle/artifacts (the example and scripts/specs artifacts; scripts/specs/ws/ with its own schedules), gpu-bundle/hf (the hf-*.yaml specs
 # scripts/hf_gpu_check.py patches models with) and gpu-bundle/whl-hf (the transformers wheel).
 # On the GPU box, from the repo root:
 #   pip install --no-deps --target /tmp/site gpu-bundle/whl/*.whl && PYTHONPATH=/tmp/site:. \
@@ -54,6 +54,8 @@ gpu-bundle:
 	for s in $(GPU_SPECS); do $(BIN)/moegen build $$s --target $(GPU_TARGET) -o gpu-bundle/artifacts || exit 1; done
 	for s in $$(ls scripts/specs/*.yaml | grep -v '/hf-'); do \
 	  $(BIN)/moegen build $$s --target $(GPU_TARGET) -o gpu-bundle/artifacts --no-golden || exit 1; done
+	for s in scripts/specs/ws/wgmma-*.yaml; do $(BIN)/moegen build $$s --target $(GPU_TARGET) -o gpu-bundle/artifacts \
+	  --no-golden --schedules scripts/specs/ws/schedules.yaml || exit 1; done
 	for s in scripts/specs/hf-*.yaml; do $(BIN)/moegen build $$s --target $(GPU_TARGET) -o gpu-bundle/hf --no-golden || exit 1; done
 	$(PIP_CP312) -d gpu-bundle/whl $(WHEELS)
 	$(PIP_CP312) -d gpu-bundle/whl-hf $(HF_WHEELS)

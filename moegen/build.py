@@ -126,8 +126,8 @@ def scheduled_module(spec: MoESpec, target: TargetInfo, schedule: dict | None = 
             if not target.extra.get("wgmma"):
                 raise ScheduleError(f"schedules file {source}: paths ({name}).experts.wgmma: true needs a Hopper "
                                     f"target (cuda-sm90), not {target.name}")
-            up_tile = kw.WgmmaTile(bm, cfg.block_n_up, cfg.stages, cfg.group_m)
-            down_tile = kw.WgmmaTile(bm, cfg.block_n_down, cfg.stages, cfg.group_m)
+            up_tile, down_tile = (kw.WgmmaTile(bm, n, cfg.stages, cfg.group_m, cfg.wgmma_span, cfg.warp_specialized)
+                                  for n in (cfg.block_n_up, cfg.block_n_down))
             funcs[f"experts_up_{name}"] = rule.experts_wgmma(kw.experts_up_wgmma_func(shapes, up_tile),
                                                              f"experts_up_{name}")
             funcs[f"experts_down_{name}"] = rule.experts_wgmma(kw.experts_down_wgmma_func(shapes, down_tile, y_dtype),
@@ -245,11 +245,16 @@ def generator_hash() -> str:
 
 def describe_functions(mod) -> dict:
     """Argument names, shapes (T symbolic) and dtypes of every exported function, for the manifest."""
+    import tvm
+
     out = {}
     for gv, func in mod.functions.items():
         args = []
-        for p in func.params:  # TVM 0.27: parameters are buffer-typed vars
+        for p in func.params:  # TVM 0.27: parameters are buffer-typed vars, or scalars (shape [])
             # constant extents as plain numbers whatever their integer type (some kernels use int64)
+            if isinstance(p.ty, tvm.ir.PrimType):
+                args.append({"name": p.name, "shape": [], "dtype": str(p.ty)})
+                continue
             shape = [str(int(s)) if hasattr(s, "value") else str(s) for s in p.shape]
             args.append({"name": p.name, "shape": shape, "dtype": str(p.dtype)})
         out[gv.name_hint] = args

@@ -300,3 +300,27 @@ def test_config_ok_names_the_dispatch_tile_and_group_m_limits():
                      (dict(group_m=0), "group_m 0 < 1"),
                      (dict(group_m=4, mma=False), "group_m 4 needs mma")):
         assert why in config_ok(ExpertsConfig(**dict(base, **bad)), shapes), bad
+
+
+def test_combine_sums_vectors_of_adjacent_columns(artifact):
+    """cuda-sm90's schedules ask for combine_vector 8: each combine thread loads 8 adjacent columns of a
+    row at once (16 bytes of a 16-bit y, 32 of fp32) and stores 8 outputs at once; K-sums in fp32."""
+    from moegen.build import expert_shapes
+    from moegen.schedule.config import ExpertsConfig, config_ok, fit_config
+
+    root = artifact("tiny", "cuda-sm90")
+    m = read_manifest(root)
+    src = (root / "moe.cu").read_text()
+    for p in m["paths"]:
+        c = p["config"]
+        assert c["combine_vector"] == 8, p["name"]
+        k = _kernel(src, f"combine_{p['name']}")
+        vec = "uint4" if c.get("y_model_dtype") else "ulonglong4"
+        assert f"*({vec}*)(y_local_ptr + 0) = *({vec}*)(y_ptr + " in k, p["name"]
+        assert "*(uint4*)(out_ptr + " in k and "float osum_local_ptr[8]" in k.replace("alignas(64) ", ""), p["name"]
+        assert f"__launch_bounds__({c['combine_n'] // 8}) combine_{p['name']}_kernel(" in src
+    shapes = expert_shapes(load_spec(SPECS / "tiny.yaml"))
+    cfg = ExpertsConfig(**{**m["paths"][0]["config"], "combine_n": 64, "combine_vector": 48})
+    assert "combine_vector 48 does not divide combine_n 64" in config_ok(cfg, shapes)
+    fitted = fit_config(cfg, shapes)  # the largest power of two up to 48 that divides combine_n
+    assert (fitted.combine_n, fitted.combine_vector) == (64, 32) and config_ok(fitted, shapes) is None

@@ -33,8 +33,11 @@ def test_config_ok_names_the_wgmma_limits():
     assert config_ok(ExpertsConfig(**ok), shapes) is None
     for bad, why in ((dict(mma=False), "wgmma needs mma true"),
                      (dict(block_m=96), "block_m 96 is not a multiple of 64"),
-                     (dict(block_n_down=32), "block_n_down 32 must be a multiple of 64"),
-                     (dict(block_n_up=384), "block_n_up 384 must be a multiple of 64 and at most 256"),
+                     (dict(block_n_down=32), "block_n_down 32 x wgmma_span 1 must be a multiple of 64"),
+                     (dict(block_n_up=384), "block_n_up 384 x wgmma_span 1 must be a multiple of 64 and at most 256"),
+                     (dict(wgmma_span=3), "block_n_up 128 x wgmma_span 3 must be a multiple of 64 and at most 256"),
+                     (dict(wgmma_span=0), "wgmma_span 0 < 1"),
+                     (dict(block_n_up=64, wgmma_span=2), "block_n_down 64 x wgmma_span 2 does not divide the 320 columns"),
                      (dict(stages=2), "stages 2 < 3"),
                      (dict(stages=8), "shared memory (at most"),
                      (dict(sort=False, block_m=1, split_k=1), "wgmma needs sort true"),
@@ -46,6 +49,18 @@ def test_config_ok_names_the_wgmma_limits():
     assert "routing weight on the input" in config_ok(
         ExpertsConfig(**ok), dataclasses.replace(shapes, weight_on_input=True))
     assert "float16 or bfloat16" in config_ok(ExpertsConfig(**ok), dataclasses.replace(shapes, dtype="float32"))
+    # three consumer warpgroups and a producer, 128 accumulators each: past a multiprocessor's registers
+    relu2 = _shapes("ws/wgmma-ws-relu2-small-fp16")  # Hp 512, I 256
+    big = ExpertsConfig(**dict(WG, block_m=192, wgmma_span=2, warp_specialized=True))
+    assert "512 threads holding 128 accumulators each" in config_ok(big, relu2)
+    assert config_ok(dataclasses.replace(big, block_m=128, stages=4), relu2) is None
+
+
+def test_fit_config_takes_the_span_both_gemms_divide():
+    span = ExpertsConfig(**dict(WG, block_n_up=64, block_n_down=64, wgmma_span=2))
+    assert fit_config(span, _shapes("ws/wgmma-ws-relu2-small-fp16")).wgmma_span == 2  # 256 | 256 and 128 | 512
+    f = fit_config(span, _shapes("wgmma-silu-small"))  # down: 2 x 64 does not divide Hp 320
+    assert f.wgmma and f.wgmma_span == 1 and config_ok(f, _shapes("wgmma-silu-small")) is None
 
 
 def test_fit_config_keeps_whole_atoms_or_falls_back_to_mma_sync():
@@ -141,3 +156,42 @@ def test_loader_refuses_sm90a_code_on_another_gpu(wgmma_artifact, tmp_path, monk
         loader.check_device(m, torch.device("cuda", 0))
     monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (9, 0))
     loader.check_device(m, torch.device("cuda", 0))  # an H100: fine
+
+
+@pytest.fixture(scope="module")
+def ws_artifact(tmp_path_factory):
+    """scripts/specs/ws/: gpt-oss structure (bf16, gated, biases) and relu2 fp16 with the span and the
+    warp-specialised paths of scripts/specs/ws/schedules.yaml (as `make gpu-bundle` builds them)."""
+    out = tmp_path_factory.mktemp("ws")
+    return {n: build(load_spec(SCRIPT_SPECS / "ws" / f"{n}.yaml"), "cuda-sm90", out, golden=False,
+                     schedules=SCRIPT_SPECS / "ws" / "schedules.yaml")
+            for n in ("wgmma-ws-gptoss-small", "wgmma-ws-relu2-small-fp16")}
+
+
+@pytest.mark.parametrize("name", ["wgmma-ws-gptoss-small", "wgmma-ws-relu2-small-fp16"])
+def test_span_and_warp_specialised_kernels(ws_artifact, name):
+    root = ws_artifact[name]
+    m = read_manifest(root)
+    src = (root / "moe.cu").read_text()
+    assert [p["name"] for p in m["paths"]] == ["span", "ws", "ws_span"]
+    for path in m["paths"]:
+        c = path["config"]
+        ws = c["warp_specialized"]
+        for fn in (f"experts_up_{path['name']}", f"experts_down_{path['name']}"):
+            k = _kernel(src, fn)
+            w = next(a for a in m["functions"][fn] if a["name"] == "w")
+            assert w["shape"][-1] == "128"  # the packed layout stays 128 columns ...
+            assert f"m64n{128 * c['wgmma_span']}k16" in k, fn  # ... the MMA spans wgmma_span of its tiles
+            args = [a["name"] for a in m["functions"][fn]]
+            if not ws:
+                assert "mbarrier" not in k and args[-1] == "out", fn
+                continue
+            # the persistent grid: the GPU's multiprocessors, a scalar the runner passes last
+            assert m["functions"][fn][-1] == {"name": "n_sm", "shape": [], "dtype": "int64"}, fn
+            threads = c["block_m"] // 64 * 128 + 128  # consumer warpgroups and the producer
+            assert f"__launch_bounds__({threads}) {fn}_kernel(" in src, fn
+            for piece in ("mbarrier_init", "mbarrier_wait", "cp_async_mbarrier_arrive_async_mbarrier_arrive_noinc",
+                          "ptx_mbarrier_arrive_arrive", "fence_proxy", "blockIdx.x"):
+                assert piece in k, (fn, piece)
+            # one block-wide barrier (after the mbarriers' init); the ring is paced by the mbarriers
+            assert k.count("__syncthreads()") == 1 and "cp_async_wait" not in k, fn

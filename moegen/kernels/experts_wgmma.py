@@ -51,27 +51,43 @@ FENCE_ACC = ('__device__ __forceinline__ void moegen_fence_acc(float& r) '
              '{ asm volatile("" : "+f"(r) :: "memory"); }')
 
 
+MBAR_BYTES = 8  # one mbarrier (warp-specialised kernels: a full and an empty barrier per ring buffer)
+
+
 @dataclass(frozen=True)
 class WgmmaTile:
     """What one wgmma GEMM kernel specialises on besides the layer shape."""
 
-    block_m: int  # BM, a multiple of 64: BM / 64 warpgroups
-    block_n: int  # BN, a multiple of 64 (B's swizzle atoms), at most 256 (wgmma's widest N)
-    stages: int  # shared-memory buffers in the ring (>= 3: STAGES - 2 steps load ahead, one MMA step in flight)
+    block_m: int  # BM, a multiple of 64: BM / 64 (consumer) warpgroups
+    block_n: int  # columns of a packed weight tile (the layout), a multiple of 64 (B's swizzle atoms)
+    stages: int  # shared-memory buffers in the ring
     group_m: int = 1  # G: raster group of sorted blocks sharing a weight tile (blockIdx.x = t * G + b % G)
+    span: int = 1  # packed tiles per block: the MMA is BN = block_n * span wide (at most 256)
+    # warp-specialised and persistent: one producer warpgroup fills the ring (cp.async, full/empty
+    # mbarriers) while the consumers run the MMAs and the epilogue; n_sm blocks loop over the tiles
+    producer: bool = False
 
     @property
-    def threads(self) -> int:
+    def mma_n(self) -> int:
+        return self.block_n * self.span
+
+    @property
+    def consumers(self) -> int:
         return self.block_m // WG_ROWS * WARPGROUP
 
     @property
+    def threads(self) -> int:
+        return self.consumers + (WARPGROUP if self.producer else 0)
+
+    @property
     def stage_bytes(self) -> int:
-        return (self.block_m + self.block_n) * BK * 2
+        return (self.block_m + self.mma_n) * BK * 2
 
     @property
     def smem_bytes(self) -> int:
-        """Dynamic shared memory asked at launch: the ring plus room to align its start to 1024 bytes."""
-        return self.stages * self.stage_bytes + ALIGN
+        """Dynamic shared memory asked at launch: the ring (and its barriers), plus room to align its
+        start to 1024 bytes."""
+        return self.stages * self.stage_bytes + ALIGN + (2 * self.stages * MBAR_BYTES if self.producer else 0)
 
 
 def _desc(addr, lead_bytes: int, stride_bytes: int):
@@ -90,33 +106,52 @@ def _mma_call(dtype: str, bn: int):
     return getattr(getattr(getattr(getattr(chain, f"m64n{bn}k16"), "f32"), ab), ab)
 
 
+@dataclass(frozen=True)
+class _Gemm:
+    """The derived constants of one kernel (Python values the TVMScript bodies read)."""
+
+    s: ExpertShapes
+    tile: WgmmaTile
+    up: bool
+    y_dtype: str
+
+    def __post_init__(self):
+        t, s = self.tile, self.s
+        assert t.block_m % WG_ROWS == 0 and t.block_n % ATOM_COLS == 0 and t.mma_n <= 256 and t.stages >= 3, t
+        assert self.kd % BK == 0 and (self.nt_packed % t.span == 0), (self.kd, self.nt_packed, t)
+        assert (t.block_m * ROW_CHUNKS) % self.loaders == 0 and (BK * t.mma_n // CHUNK) % self.loaders == 0
+        assert not s.weight_on_input, "the routing weight on the input is applied by the mma.sync kernels only"
+
+    kd = property(lambda g: g.s.hidden if g.up else g.s.intermediate)  # the reduction
+    nt_packed = property(lambda g: (g.s.n13 if g.up else g.s.hidden) // g.tile.block_n)  # packed tiles
+    nt = property(lambda g: g.nt_packed // g.tile.span)  # blocks across the columns
+    gated = property(lambda g: g.up and g.s.gated)
+    kind = property(lambda g: "gated" if g.gated else ("up" if g.up else "down"))
+    out_w = property(lambda g: g.s.intermediate if g.up else g.s.hidden)
+    out_dt = property(lambda g: g.s.dtype if g.up else g.y_dtype)
+    nk = property(lambda g: g.kd // BK)
+    loaders = property(lambda g: WARPGROUP if g.tile.producer else g.tile.threads)  # threads issuing cp.async
+    a_per = property(lambda g: g.tile.block_m * ROW_CHUNKS // g.loaders)  # A chunks per loader per step
+    b_per = property(lambda g: BK * (g.tile.mma_n // CHUNK) // g.loaders)  # B chunks per loader per step
+    acc = property(lambda g: g.tile.mma_n // 2)  # fp32 accumulators per consumer thread
+    apt = property(lambda g: g.tile.block_n // 2)  # ... of them per packed tile
+    half = property(lambda g: g.tile.block_n // 2 if g.gated else g.tile.block_n)  # outputs per packed tile
+    per = property(lambda g: g.apt // 2 if g.gated else g.apt)  # output accumulators per packed tile
+
+
 def _wgmma_gemm_func(s: ExpertShapes, tile: WgmmaTile, up: bool, y_dtype: str):
-    """The shared body of both kernels; `up` picks the A source, the epilogue and the signature."""
-    g_dt, g_El, g_K, g_H, g_I = s.dtype, s.local_experts, s.top_k, s.hidden, s.intermediate
-    g_BM, g_BN, g_S, g_G, g_TH = tile.block_m, tile.block_n, tile.stages, tile.group_m, tile.threads
-    g_KD = g_H if up else g_I  # the reduction
-    g_NT = (s.n13 if up else g_H) // g_BN
-    g_half = g_BN // 2 if (up and s.gated) else g_BN  # output columns per tile
-    g_out_w = g_I if up else g_H
-    g_nk = g_KD // BK
-    g_A_PER = g_BM * ROW_CHUNKS // g_TH  # A chunks per thread per step (4)
-    g_B_PER = BK * (g_BN // CHUNK) // g_TH  # B chunks per thread per step
-    g_BROW = g_BN // CHUNK  # 16-byte chunks per B row
-    g_A_BYTES, g_STAGE = g_BM * ROW_BYTES, tile.stage_bytes
-    g_ATOM_BYTES = BK * ROW_BYTES  # one 64-column atom of B
-    g_ACC = g_BN // 2  # fp32 accumulators per thread
-    g_gated, g_bias, g_woi = up and s.gated, s.expert_bias, s.weight_on_input
-    g_act, g_alpha, g_limit = s.activation, s.swiglu_alpha, s.swiglu_limit
-    g_out_dt = g_dt if up else y_dtype
-    g_kind = "gated" if g_gated else ("up" if up else "down")
-    g_mma = _mma_call(g_dt, g_BN)
-    g_smem_elems = tile.smem_bytes // 2
-    assert g_BM % WG_ROWS == 0 and g_BN % ATOM_COLS == 0 and g_BN <= 256 and g_S >= 3, tile
-    assert g_KD % BK == 0 and g_A_PER * g_TH == g_BM * ROW_CHUNKS and g_B_PER * g_TH == BK * g_BN // CHUNK
-    assert not g_woi, "the routing weight on the input is applied by the mma.sync kernels only"
+    """The shared body of both kernels; `up` picks the A source, the epilogue and the signature.
+    tile.producer: the warp-specialised persistent form (_ws_gemm_func)."""
+    g = _Gemm(s, tile, up, y_dtype)
+    if tile.producer:
+        return _ws_gemm_func(g)
+    g_dt, g_K, g_BM, g_S, g_G, g_TH = s.dtype, s.top_k, tile.block_m, tile.stages, tile.group_m, tile.threads
+    g_NT, g_nk, g_ACC = g.nt, g.nk, g.acc
+    g_STAGE, g_A_BYTES = tile.stage_bytes, g_BM * ROW_BYTES
+    g_mma = _mma_call(g_dt, tile.mma_n)
     tok = token_var()
     n_slots = tok * g_K
-    n_blocks = _max_blocks(n_slots, g_BM, g_El, False)
+    n_blocks = _max_blocks(n_slots, g_BM, s.local_experts, False)
     n_groups = (n_blocks + (g_G - 1)) // g_G
     a_rows = tok if up else n_blocks * g_BM  # x [T, Hp] | act [MP, I]
 
@@ -124,41 +159,32 @@ def _wgmma_gemm_func(s: ExpertShapes, tile: WgmmaTile, up: bool, y_dtype: str):
     def gemm(a_h: T.handle, tw_h: T.handle, sorted_h: T.handle, bexp_h: T.handle, nblk_h: T.handle,
              w_h: T.handle, b_h: T.handle, out_h: T.handle):
         T.func_attr({"tir.noalias": True})
-        a = T.match_buffer(a_h, (a_rows, g_KD), g_dt)
+        a = T.match_buffer(a_h, (a_rows, g.kd), g_dt)
         topk_weights = T.match_buffer(tw_h, (tok, g_K), "float32")
         sorted_ids = T.match_buffer(sorted_h, (n_blocks * g_BM,), "int32")
         block_expert = T.match_buffer(bexp_h, (n_blocks,), "int32")
         num_blocks = T.match_buffer(nblk_h, (1,), "int32")
-        w = T.match_buffer(w_h, (g_El, g_NT, g_KD, g_BN), g_dt)
-        bias = T.match_buffer(b_h, (g_El, g_NT, g_BN), g_dt)
-        out = T.match_buffer(out_h, (n_blocks * g_BM, g_out_w), g_out_dt)
+        w = T.match_buffer(w_h, (s.local_experts, g.nt_packed, g.kd, tile.block_n), g_dt)
+        bias = T.match_buffer(b_h, (s.local_experts, g.nt_packed, tile.block_n), g_dt)
+        out = T.match_buffer(out_h, (n_blocks * g_BM, g.out_w), g.out_dt)
         bx = T.launch_thread("blockIdx.x", g_NT * g_G)
         by = T.launch_thread("blockIdx.y", n_groups)
         tx = T.launch_thread("threadIdx.x", g_TH)
-        ring = T.alloc_buffer((g_smem_elems,), g_dt, scope="shared.dyn")
+        ring = T.alloc_buffer((tile.smem_bytes // 2,), g_dt, scope="shared.dyn")
         acc = T.alloc_buffer((g_ACC,), "float32", scope="local")
-        arow = T.alloc_buffer((g_A_PER,), "int64", scope="local")
+        arow = T.alloc_buffer((g.a_per,), "int64", scope="local")
         tw = T.alloc_buffer((2,), "float32", scope="local")
         blk = T.Cast("int64", by) * g_G + T.Cast("int64", bx % g_G)
         nt = T.Cast("int64", bx // g_G)
         if T.tvm_thread_invariant(blk < T.Cast("int64", num_blocks[0])):
             e = T.Cast("int64", block_expert[blk])
-            # the ring starts at the first 1024-byte boundary of the dynamic shared memory
-            base = (T.cuda.cvta_generic_to_shared(ring.access_ptr("rw")) + T.uint32(ALIGN - 1)) \
-                & T.uint32(0xFFFFFFFF - (ALIGN - 1))
-            # this thread's A rows (their start in a): gathered tokens (up) or the block's rows (down)
-            for i in T.unroll(g_A_PER):
-                if up:
-                    arow[i] = T.min(T.Cast("int64", sorted_ids[blk * g_BM + (i * g_TH + tx) // ROW_CHUNKS]),
-                                    n_slots - 1) // g_K
-                else:
-                    arow[i] = blk * g_BM + (i * g_TH + tx) // ROW_CHUNKS
+            base = _ring_base(ring)
+            _a_rows(g, arow, sorted_ids, blk, tx, n_slots)
             for j in T.unroll(g_ACC):
                 acc[j] = T.float32(0)
             for p in T.unroll(g_S - 2):  # prologue: the first STAGES - 2 steps in flight
                 if p < g_nk:
-                    _load_step(p, p, base, a, w, e, nt, arow, tx, g_A_PER, g_B_PER, g_TH, g_BROW, g_A_BYTES,
-                               g_STAGE, g_ATOM_BYTES)
+                    _load_step(g, p, p, base, a, w, e, nt, arow, tx)
                 T.ptx.cp.async_.commit_group()
             for k in range(g_nk):
                 T.ptx.cp.async_.wait_group(g_S - 3)  # step k has landed (this thread's copies)
@@ -167,85 +193,213 @@ def _wgmma_gemm_func(s: ExpertShapes, tile: WgmmaTile, up: bool, y_dtype: str):
                 # (each waited for all but its last group before coming here): step k - 2's buffer is free
                 T.tvm_storage_sync("shared")
                 if k + (g_S - 2) < g_nk:
-                    _load_step(k + (g_S - 2), (k + (g_S - 2)) % g_S, base, a, w, e, nt, arow, tx, g_A_PER,
-                               g_B_PER, g_TH, g_BROW, g_A_BYTES, g_STAGE, g_ATOM_BYTES)
+                    _load_step(g, k + (g_S - 2), (k + (g_S - 2)) % g_S, base, a, w, e, nt, arow, tx)
                 T.ptx.cp.async_.commit_group()
-                T.ptx.wgmma.fence.sync.aligned()
-                for ks in T.unroll(BK // MMA_K):
-                    g_mma(*[acc[j] for j in range(g_ACC)],
-                          _desc(base + T.Cast("uint32", (k % g_S) * g_STAGE + (tx // WARPGROUP) * WG_ROWS * ROW_BYTES
-                                              + ks * MMA_K * 2), 16, SWIZZLE_ROWS * ROW_BYTES),
-                          _desc(base + T.Cast("uint32", (k % g_S) * g_STAGE + g_A_BYTES + ks * MMA_K * ROW_BYTES),
-                                g_ATOM_BYTES, SWIZZLE_ROWS * ROW_BYTES),
-                          True, 1, 1, 0, 1)
-                T.ptx.wgmma.commit_group.sync.aligned()
+                _mma_step(g_mma, acc, g_ACC, base, (k % g_S) * g_STAGE, tx, g_A_BYTES)
                 T.ptx.wgmma.wait_group.sync.aligned(1)  # step k's MMAs run on while step k + 1 starts
             T.ptx.wgmma.wait_group.sync.aligned(0)
-            for j in T.unroll(g_ACC):  # the accumulators are read only after the last MMA (no hoisting)
-                T.cuda.func_call("moegen_fence_acc", acc[j], source_code=FENCE_ACC)
-            # epilogue on the registers: accumulator j is row 16 * warp + lane / 4 + 8 * (j % 4 / 2) of
-            # the warpgroup's 64, column 8 * (j / 4) + 2 * (lane % 4) + j % 2
-            if not up:
-                for h in T.unroll(2):
-                    tw[h] = topk_weights[
-                        T.min(T.Cast("int64", sorted_ids[blk * g_BM + _row(tx, h)]), n_slots - 1) // g_K,
-                        T.min(T.Cast("int64", sorted_ids[blk * g_BM + _row(tx, h)]), n_slots - 1) % g_K]
-            for j in T.unroll(g_ACC // 2 if g_gated else g_ACC):
-                out[blk * g_BM + _row(tx, j % 4 // 2), nt * g_half + _col(tx, j)] = T.Cast(
-                    g_out_dt, _value(g_kind, acc, bias, tw, e, nt, tx, j, g_ACC // 2, g_half, g_bias, g_act, g_alpha,
-                                     g_limit))
+            _epilogue(g, acc, out, bias, topk_weights, tw, sorted_ids, blk, e, nt, tx, n_slots)
 
     return gemm
 
 
-def _value(kind, acc, bias, tw, e, nt, tx, j, acc_half, half, with_bias, act, alpha, limit):
-    """The fp32 output of accumulator j. gated: the activation of gate column c and up column c + BN/2
-    (accumulators j and j + acc_half); up: the activation of column c; down: (sum + bias) x the routing
-    weight of its row."""
+def _ws_gemm_func(g: _Gemm):
+    """The warp-specialised persistent form: thread block i of n_sm takes tiles i, i + n_sm, ... of the
+    raster (the same order as the grid of _wgmma_gemm_func). Warpgroup 0 produces: for each k step it
+    waits for the ring buffer's `empty` barrier, issues the step's cp.async copies and has them arrive
+    on its `full` barrier (cp.async.mbarrier.arrive.noinc: when this thread's copies have landed).
+    Warpgroups 1.. consume: wait on `full`, run the step's MMAs, and once the MMAs of the step before
+    are done arrive on that step's `empty` barrier. The producer runs up to STAGES steps ahead, into
+    the next tile while the consumers run this tile's epilogue; no block-wide barrier in the loop."""
+    s, tile = g.s, g.tile
+    g_dt, g_K, g_BM, g_S, g_G, g_TH = s.dtype, s.top_k, tile.block_m, tile.stages, tile.group_m, tile.threads
+    g_NT, g_nk, g_ACC, g_CTH = g.nt, g.nk, g.acc, tile.consumers
+    g_STAGE, g_A_BYTES = tile.stage_bytes, g_BM * ROW_BYTES
+    g_mma = _mma_call(g_dt, tile.mma_n)
+    up = g.up
+    tok = token_var()
+    n_slots = tok * g_K
+    n_blocks = _max_blocks(n_slots, g_BM, s.local_experts, False)
+    n_items = (n_blocks + (g_G - 1)) // g_G * (g_NT * g_G)  # the raster's tiles at most
+    a_rows = tok if up else n_blocks * g_BM
+
+    @T.prim_func
+    def gemm(a_h: T.handle, tw_h: T.handle, sorted_h: T.handle, bexp_h: T.handle, nblk_h: T.handle,
+             w_h: T.handle, b_h: T.handle, out_h: T.handle, n_sm: T.int64):
+        T.func_attr({"tir.noalias": True})
+        a = T.match_buffer(a_h, (a_rows, g.kd), g_dt)
+        topk_weights = T.match_buffer(tw_h, (tok, g_K), "float32")
+        sorted_ids = T.match_buffer(sorted_h, (n_blocks * g_BM,), "int32")
+        block_expert = T.match_buffer(bexp_h, (n_blocks,), "int32")
+        num_blocks = T.match_buffer(nblk_h, (1,), "int32")
+        w = T.match_buffer(w_h, (s.local_experts, g.nt_packed, g.kd, tile.block_n), g_dt)
+        bias = T.match_buffer(b_h, (s.local_experts, g.nt_packed, tile.block_n), g_dt)
+        out = T.match_buffer(out_h, (n_blocks * g_BM, g.out_w), g.out_dt)
+        bx = T.launch_thread("blockIdx.x", T.min(n_sm, n_items))
+        tx = T.launch_thread("threadIdx.x", g_TH)
+        ring = T.alloc_buffer((tile.smem_bytes // 2,), g_dt, scope="shared.dyn")
+        acc = T.alloc_buffer((g_ACC,), "float32", scope="local")
+        arow = T.alloc_buffer((g.a_per,), "int64", scope="local")
+        tw = T.alloc_buffer((2,), "float32", scope="local")
+        step = T.alloc_buffer((1,), "int32", scope="local")  # k steps this thread has passed (all tiles)
+        base = _ring_base(ring)
+        bars = base + T.uint32(g_S * g_STAGE)  # full[s] at bars + 8 s, empty[s] at bars + 8 (S + s)
+        if tx == 0:
+            for st in range(g_S):
+                T.ptx.mbarrier.init.shared.b64(bars + T.uint32(st * MBAR_BYTES), T.uint32(WARPGROUP))
+                T.ptx.mbarrier.init.shared.b64(bars + T.uint32((g_S + st) * MBAR_BYTES), T.uint32(g_CTH))
+        T.tvm_storage_sync("shared")
+        step[0] = 0
+        nb = T.Cast("int64", num_blocks[0])
+        grid = T.min(n_sm, n_items)
+        for i in range((n_items + grid - 1) // grid):
+            item = T.Cast("int64", bx) + i * grid
+            blk = item // (g_NT * g_G) * g_G + item % g_G
+            nt = item % (g_NT * g_G) // g_G
+            if item < (nb + (g_G - 1)) // g_G * (g_NT * g_G) and blk < nb:
+                e = T.Cast("int64", block_expert[blk])
+                if tx < WARPGROUP:  # the producer
+                    _a_rows(g, arow, sorted_ids, blk, tx, n_slots)
+                    for k in range(g_nk):
+                        # the buffer's consumers have released its last use (passes at once the first time)
+                        T.cuda.mbarrier_wait(bars + T.Cast("uint32", (g_S + step[0] % g_S) * MBAR_BYTES),
+                                             T.bitwise_xor(step[0] // g_S % 2, 1))
+                        _load_step(g, k, step[0] % g_S, base, a, w, e, nt, arow, tx)
+                        T.ptx.cp.async_.mbarrier.arrive.noinc.shared.b64(
+                            bars + T.Cast("uint32", step[0] % g_S * MBAR_BYTES))
+                        step[0] = step[0] + 1
+                else:  # the consumers (thread tx - 128 of them)
+                    for j in T.unroll(g_ACC):
+                        acc[j] = T.float32(0)
+                    for k in range(g_nk):
+                        T.cuda.mbarrier_wait(bars + T.Cast("uint32", step[0] % g_S * MBAR_BYTES), step[0] // g_S % 2)
+                        T.ptx.fence.proxy.async_.shared__cta()  # the producer's copies, to the tensor cores
+                        _mma_step(g_mma, acc, g_ACC, base, step[0] % g_S * g_STAGE, tx - WARPGROUP, g_A_BYTES)
+                        T.ptx.wgmma.wait_group.sync.aligned(1)  # the step before is done: release its buffer
+                        if k > 0:
+                            T.ptx.mbarrier.arrive.shared.b64(
+                                bars + T.Cast("uint32", (g_S + (step[0] + (g_S - 1)) % g_S) * MBAR_BYTES),
+                                T.uint32(1))
+                        step[0] = step[0] + 1
+                    T.ptx.wgmma.wait_group.sync.aligned(0)
+                    T.ptx.mbarrier.arrive.shared.b64(
+                        bars + T.Cast("uint32", (g_S + (step[0] + (g_S - 1)) % g_S) * MBAR_BYTES), T.uint32(1))
+                    _epilogue(g, acc, out, bias, topk_weights, tw, sorted_ids, blk, e, nt, tx - WARPGROUP,
+                              n_slots)
+
+    return gemm
+
+
+def _ring_base(ring):
+    """The ring starts at the first 1024-byte boundary of the dynamic shared memory (a uint32 shared
+    address)."""
+    return (T.cuda.cvta_generic_to_shared(ring.access_ptr("rw")) + T.uint32(ALIGN - 1)) \
+        & T.uint32(0xFFFFFFFF - (ALIGN - 1))
+
+
+def _value(g, acc, bias, tw, e, pt, j0, ct, jl):
+    """The fp32 output of accumulator j0 + jl (packed tile pt, whose accumulators start at j0). gated:
+    the activation of gate column c and up column c + half (accumulators j and j + apt / 2); up: the
+    activation of column c; down: (sum + bias) x the routing weight of its row."""
+    s = g.s
+
     def biased(jj, c):
-        return acc[jj] + (T.Cast("float32", bias[e, nt, c]) if with_bias else T.float32(0))
+        return acc[j0 + jj] + (T.Cast("float32", bias[e, pt, c]) if s.expert_bias else T.float32(0))
 
-    if kind == "gated":
-        return _act(act, biased(j, _col(tx, j)), biased(j + acc_half, half + _col(tx, j)), alpha, limit)
-    if kind == "up":
-        return _act(act, biased(j, _col(tx, j)), None, alpha, limit)
-    return biased(j, _col(tx, j)) * tw[j % 4 // 2]
-
-
-def _row(tx, h):
-    """Row of the block held by thread tx in accumulator half h (0: lane / 4, 1: lane / 4 + 8)."""
-    return (tx // WARPGROUP) * WG_ROWS + (tx % WARPGROUP) // 32 * 16 + (tx % 32) // 4 + 8 * h
+    if g.kind == "gated":
+        return _act(s.activation, biased(jl, _col(ct, jl)), biased(jl + g.apt // 2, g.half + _col(ct, jl)),
+                    s.swiglu_alpha, s.swiglu_limit)
+    if g.kind == "up":
+        return _act(s.activation, biased(jl, _col(ct, jl)), None, s.swiglu_alpha, s.swiglu_limit)
+    return biased(jl, _col(ct, jl)) * tw[jl % 4 // 2]
 
 
-def _col(tx, j):
-    """Column of the tile held by thread tx in accumulator j."""
-    return 8 * (j // 4) + 2 * (tx % 4) + j % 2
+def _row(ct, h):
+    """Row of the block held by consumer thread ct in accumulator half h (0: lane / 4, 1: lane / 4 + 8)."""
+    return (ct // WARPGROUP) * WG_ROWS + (ct % WARPGROUP) // 32 * 16 + (ct % 32) // 4 + 8 * h
+
+
+def _col(ct, j):
+    """Column (of its packed tile) held by consumer thread ct in accumulator j."""
+    return 8 * (j // 4) + 2 * (ct % 4) + j % 2
 
 
 @T.macro
-def _load_step(k, stage, base, a, w, e, nt, arow, tx, A_PER, B_PER, TH, BROW, A_BYTES, STAGE, ATOM_BYTES):
-    """cp.async of reduction step k into ring buffer `stage`: this thread's A and B chunks."""
-    for i in T.unroll(A_PER):
+def _a_rows(g, arow, sorted_ids, blk, lt, n_slots):
+    """The start in `a` of loader lt's A rows: gathered tokens (up) or the block's own rows (down)."""
+    for i in T.unroll(g.a_per):
+        if g.up:
+            arow[i] = T.min(T.Cast("int64", sorted_ids[blk * g.tile.block_m + (i * g.loaders + lt) // ROW_CHUNKS]),
+                            n_slots - 1) // g.s.top_k
+        else:
+            arow[i] = blk * g.tile.block_m + (i * g.loaders + lt) // ROW_CHUNKS
+
+
+@T.macro
+def _mma_step(mma, acc, n_acc, base, stage_off, ct, a_bytes):
+    """One BK step of warpgroup ct / 128's MMAs from the ring buffer at base + stage_off, committed as
+    a group."""
+    T.ptx.wgmma.fence.sync.aligned()
+    for ks in T.unroll(BK // MMA_K):
+        mma(*[acc[j] for j in range(n_acc)],
+            _desc(base + T.Cast("uint32", stage_off + (ct // WARPGROUP) * WG_ROWS * ROW_BYTES + ks * MMA_K * 2), 16,
+                  SWIZZLE_ROWS * ROW_BYTES),
+            _desc(base + T.Cast("uint32", stage_off + a_bytes + ks * MMA_K * ROW_BYTES), BK * ROW_BYTES,
+                  SWIZZLE_ROWS * ROW_BYTES),
+            True, 1, 1, 0, 1)
+    T.ptx.wgmma.commit_group.sync.aligned()
+
+
+@T.macro
+def _epilogue(g, acc, out, bias, topk_weights, tw, sorted_ids, blk, e, nt, ct, n_slots):
+    """The outputs from the registers of consumer thread ct: accumulator j is row 16 * warp + lane / 4
+    + 8 * (j % 4 / 2) of its warpgroup's 64, column 8 * (j / 4) + 2 * (lane % 4) + j % 2 of the MMA;
+    packed tile p of the block holds accumulators p * apt ... (gated: gate column c at jl, up column
+    c + half at jl + apt / 2)."""
+    for j in T.unroll(g.acc):  # the accumulators are read only after the last MMA (no hoisting)
+        T.cuda.func_call("moegen_fence_acc", acc[j], source_code=FENCE_ACC)
+    if not g.up:
+        for h in T.unroll(2):
+            tw[h] = topk_weights[
+                T.min(T.Cast("int64", sorted_ids[blk * g.tile.block_m + _row(ct, h)]), n_slots - 1) // g.s.top_k,
+                T.min(T.Cast("int64", sorted_ids[blk * g.tile.block_m + _row(ct, h)]), n_slots - 1) % g.s.top_k]
+    for p in T.unroll(g.tile.span):
+        for jl in T.unroll(g.per):
+            out[blk * g.tile.block_m + _row(ct, jl % 4 // 2), (nt * g.tile.span + p) * g.half + _col(ct, jl)] = T.Cast(
+                g.out_dt, _value(g, acc, bias, tw, e, nt * g.tile.span + p, p * g.apt, ct, jl))
+
+
+@T.macro
+def _load_step(g, k, stage, base, a, w, e, nt, arow, lt):
+    """cp.async of reduction step k into ring buffer `stage`: loader lt's A and B chunks. B chunk c of a
+    row (c < BN / 8) comes from packed tile nt * span + c / (block_n / 8)."""
+    for i in T.unroll(g.a_per):
         T.ptx.cp.async_.cg.shared.global_(
-            base + T.Cast("uint32", stage * STAGE + (i * TH + tx) // ROW_CHUNKS * ROW_BYTES
-                          + T.bitwise_xor((i * TH + tx) % ROW_CHUNKS, (i * TH + tx) // ROW_CHUNKS % SWIZZLE_ROWS)
-                          * CHUNK_BYTES),
-            T.address_of(a[arow[i], T.Cast("int64", k) * BK + (i * TH + tx) % ROW_CHUNKS * CHUNK]), CHUNK_BYTES)
-    for i in T.unroll(B_PER):
+            base + T.Cast("uint32", stage * g.tile.stage_bytes + (i * g.loaders + lt) // ROW_CHUNKS * ROW_BYTES
+                          + T.bitwise_xor((i * g.loaders + lt) % ROW_CHUNKS,
+                                          (i * g.loaders + lt) // ROW_CHUNKS % SWIZZLE_ROWS) * CHUNK_BYTES),
+            T.address_of(a[arow[i], T.Cast("int64", k) * BK + (i * g.loaders + lt) % ROW_CHUNKS * CHUNK]),
+            CHUNK_BYTES)
+    for i in T.unroll(g.b_per):
         T.ptx.cp.async_.cg.shared.global_(
-            base + T.Cast("uint32", stage * STAGE + A_BYTES + (i * TH + tx) % BROW // ROW_CHUNKS * ATOM_BYTES
-                          + (i * TH + tx) // BROW * ROW_BYTES
-                          + T.bitwise_xor((i * TH + tx) % BROW % ROW_CHUNKS, (i * TH + tx) // BROW % SWIZZLE_ROWS)
+            base + T.Cast("uint32", stage * g.tile.stage_bytes + g.tile.block_m * ROW_BYTES
+                          + (i * g.loaders + lt) % (g.tile.mma_n // CHUNK) // ROW_CHUNKS * (BK * ROW_BYTES)
+                          + (i * g.loaders + lt) // (g.tile.mma_n // CHUNK) * ROW_BYTES
+                          + T.bitwise_xor((i * g.loaders + lt) % (g.tile.mma_n // CHUNK) % ROW_CHUNKS,
+                                          (i * g.loaders + lt) // (g.tile.mma_n // CHUNK) % SWIZZLE_ROWS)
                           * CHUNK_BYTES),
-            T.address_of(w[e, nt, T.Cast("int64", k) * BK + (i * TH + tx) // BROW, (i * TH + tx) % BROW * CHUNK]),
+            T.address_of(w[e, nt * g.tile.span + (i * g.loaders + lt) % (g.tile.mma_n // CHUNK) // (g.tile.block_n // CHUNK),
+                           T.Cast("int64", k) * BK + (i * g.loaders + lt) // (g.tile.mma_n // CHUNK),
+                           (i * g.loaders + lt) % (g.tile.mma_n // CHUNK) % (g.tile.block_n // CHUNK) * CHUNK]),
             CHUNK_BYTES)
 
 
 def experts_up_wgmma_func(s: ExpertShapes, tile: WgmmaTile):
-    """experts_up_func's contract (stage_operands, grid_blocks) on wgmma."""
+    """experts_up_func's contract (stage_operands, grid_blocks) on wgmma; tile.producer adds the
+    argument n_sm (the GPU's multiprocessors: the persistent grid)."""
     return _wgmma_gemm_func(s, tile, True, s.dtype)
 
 
 def experts_down_wgmma_func(s: ExpertShapes, tile: WgmmaTile, y_dtype: str = "float32"):
-    """experts_down_func's contract (stage_operands, grid_blocks) on wgmma."""
+    """experts_down_func's contract (stage_operands, grid_blocks) on wgmma; tile.producer adds n_sm."""
     return _wgmma_gemm_func(s, tile, False, y_dtype)

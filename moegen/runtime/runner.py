@@ -80,6 +80,8 @@ class MoERunner:
         self.dtype = getattr(torch, spec.dtype)
         self.paths = manifest["paths"]
         self._fns = {name: module[name] for name in manifest["functions"]}
+        # the persistent grid of warp-specialised wgmma kernels: one block per multiprocessor
+        self._n_sm = torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 1
         self._stage: dict[str, tuple[int, dict]] = {}  # path -> (token capacity, staging buffers)
         self._pack(weights)
 
@@ -426,10 +428,11 @@ class MoERunner:
                 f[f"route_dispatch_{name}"](logits.contiguous(), self.correction_bias, self.expert_map, b["ids"],
                                             b["tw"], b["sorted_ids"], b["block_expert"], b["num_blocks"],
                                             b["slot_pos"])
+            grid = (self._n_sm,) if c.get("warp_specialized") else ()  # persistent kernels: their block count
             f[f"experts_up_{name}"](xp.contiguous(), b["tw"], b["sorted_ids"], b["block_expert"], b["num_blocks"],
-                                    w13, b13, b["act"])
+                                    w13, b13, b["act"], *grid)
             f[f"experts_down_{name}"](b["act"], b["tw"], b["sorted_ids"], b["block_expert"], b["num_blocks"],
-                                      w2, b2, b["y"])
+                                      w2, b2, b["y"], *grid)
             f[f"combine_{name}"](b["y"], b["slot_pos"], out)
 
     def _dispatch(self, path: dict, b: dict[str, torch.Tensor], emap: torch.Tensor) -> None:

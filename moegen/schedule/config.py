@@ -62,6 +62,16 @@ class ExpertsConfig:
     # block_m: a multiple of 64 (block_m / 64 warpgroups); block_n_*: multiples of 64, at most 256;
     # warp_m, warp_n, block_k and dynamic_smem are the mma.sync fallback's (fit_config)
     wgmma: bool = False
+    # wgmma: packed weight tiles per thread block (block_n * wgmma_span columns per MMA, at most 256), so a
+    # narrow layout (fast decode paths) still takes wide MMAs at many tokens
+    wgmma_span: int = 1
+    # wgmma: warp-specialised and persistent. A producer warpgroup fills the ring (cp.async signalling
+    # full/empty mbarriers) while the block_m / 64 consumer warpgroups run the MMAs and the epilogue; one
+    # block per multiprocessor loops over the tiles, so the next tile's loads overlap this one's epilogue
+    warp_specialized: bool = False
+    # GPU: adjacent columns per combine thread (one 16-byte load per row of the K-sum at 8 x 16 bits);
+    # combine_n / combine_vector threads per block
+    combine_vector: int = 1
 
 
 @dataclass(frozen=True)
@@ -142,6 +152,8 @@ def config_ok(cfg: ExpertsConfig, shapes: ExpertShapes) -> str | None:
         return f"split_k {cfg.split_k} does not divide Hp {shapes.hidden} and I {shapes.intermediate}"
     if shapes.hidden % cfg.combine_n:
         return f"combine_n {cfg.combine_n} does not divide Hp {shapes.hidden}"
+    if cfg.combine_vector < 1 or cfg.combine_n % cfg.combine_vector:
+        return f"combine_vector {cfg.combine_vector} does not divide combine_n {cfg.combine_n}"
     if not cfg.sort and (cfg.block_m != 1 or not cfg.grid_blocks):
         return f"sort false needs block_m 1 and grid_blocks true, not block_m {cfg.block_m} grid_blocks {cfg.grid_blocks}"
     if cfg.dispatch_tile:
@@ -197,6 +209,8 @@ def _mma_ok(cfg: ExpertsConfig, shapes: ExpertShapes) -> str | None:
 
 
 WGMMA_SHARED_BYTES = 227 * 1024  # dynamic shared memory per thread block on sm_90
+WGMMA_REGISTERS = 65536  # 32-bit registers per multiprocessor (one wgmma block per multiprocessor at most)
+WGMMA_OTHER_REGISTERS = 40  # what a thread needs besides its accumulators (addresses, epilogue)
 
 
 def _wgmma_ok(cfg: ExpertsConfig, shapes: ExpertShapes) -> str | None:
@@ -214,15 +228,23 @@ def _wgmma_ok(cfg: ExpertsConfig, shapes: ExpertShapes) -> str | None:
         return f"wgmma: group_m {cfg.group_m} < 1"
     if cfg.block_m % WG_ROWS:
         return f"wgmma: block_m {cfg.block_m} is not a multiple of {WG_ROWS} (rows per warpgroup)"
-    for field, n in (("block_n_up", cfg.block_n_up), ("block_n_down", cfg.block_n_down)):
-        if n % ATOM_COLS or n > 256:
-            return f"wgmma: {field} {n} must be a multiple of {ATOM_COLS} and at most 256"
+    if cfg.wgmma_span < 1:
+        return f"wgmma: wgmma_span {cfg.wgmma_span} < 1"
+    for field, n, cols in (("block_n_up", cfg.block_n_up, shapes.n13), ("block_n_down", cfg.block_n_down, shapes.hidden)):
+        if n % ATOM_COLS or n * cfg.wgmma_span > 256:
+            return f"wgmma: {field} {n} x wgmma_span {cfg.wgmma_span} must be a multiple of {ATOM_COLS} and at most 256"
         if field == "block_n_up" and shapes.gated and shapes.intermediate % (n // 2):
             return f"wgmma: half of block_n_up {n} does not divide I {shapes.intermediate} (gate and up halves)"
-        smem = WgmmaTile(cfg.block_m, n, cfg.stages).smem_bytes
-        if smem > WGMMA_SHARED_BYTES:
-            return (f"wgmma: {cfg.stages} stages of block_m {cfg.block_m} x {field} {n} need {smem} bytes of "
-                    f"shared memory (at most {WGMMA_SHARED_BYTES})")
+        if cols % (n * cfg.wgmma_span):
+            return f"wgmma: {field} {n} x wgmma_span {cfg.wgmma_span} does not divide the {cols} columns"
+        tile = WgmmaTile(cfg.block_m, n, cfg.stages, span=cfg.wgmma_span, producer=cfg.warp_specialized)
+        if tile.smem_bytes > WGMMA_SHARED_BYTES:
+            return (f"wgmma: {cfg.stages} stages of block_m {cfg.block_m} x {field} {n} x wgmma_span "
+                    f"{cfg.wgmma_span} need {tile.smem_bytes} bytes of shared memory (at most {WGMMA_SHARED_BYTES})")
+        if tile.threads * (tile.mma_n // 2 + WGMMA_OTHER_REGISTERS) > WGMMA_REGISTERS:
+            return (f"wgmma: {tile.threads} threads holding {tile.mma_n // 2} accumulators each (block_m "
+                    f"{cfg.block_m}, {field} {n} x wgmma_span {cfg.wgmma_span}) pass the {WGMMA_REGISTERS} registers "
+                    f"of a multiprocessor")
     for what, k in (("Hp", shapes.hidden), ("I", shapes.intermediate)):
         if k % BK:
             return f"wgmma: its reduction step {BK} does not divide {what} {k}"
@@ -250,6 +272,16 @@ def _fit(n: int, want: int, step: int = 1) -> int:
     return step
 
 
+def _fit_combine(cfg: ExpertsConfig, shapes: ExpertShapes) -> dict:
+    """combine_n: a divisor of Hp; combine_vector: the largest power of two up to the asked one that
+    divides it (a vector of whole 2-, 4-, 8- or 16-byte loads)."""
+    n = _fit(shapes.hidden, cfg.combine_n)
+    v = 1 << (max(cfg.combine_vector, 1).bit_length() - 1)
+    while n % v:
+        v //= 2
+    return {"combine_n": n, "combine_vector": v}
+
+
 def fit_config(cfg: ExpertsConfig, shapes: ExpertShapes) -> ExpertsConfig:
     """The tuned config shrunk to divisors of this layer's widths (irregular test sizes need it)."""
     if cfg.wgmma:
@@ -262,7 +294,7 @@ def fit_config(cfg: ExpertsConfig, shapes: ExpertShapes) -> ExpertsConfig:
         cfg,
         block_n_up=_fit(shapes.n13, cfg.block_n_up, step) if shapes.gated else _fit(shapes.n13, cfg.block_n_up),
         block_n_down=_fit(shapes.hidden, cfg.block_n_down),
-        combine_n=_fit(shapes.hidden, cfg.combine_n),
+        **_fit_combine(cfg, shapes),
     )
     if fitted.vector_loads:
         # a parallelism knob there (up to 64): a divisor of both reductions that leaves every thread at
@@ -290,13 +322,16 @@ def fit_config(cfg: ExpertsConfig, shapes: ExpertShapes) -> ExpertsConfig:
 
 def _fit_wgmma(cfg: ExpertsConfig, shapes: ExpertShapes) -> ExpertsConfig:
     """Tile widths in whole 64-column swizzle atoms (gpt-oss-20b's Hp 2880: 64 or 192, not 128); a gated
-    tile's halves divide I."""
+    tile's halves divide I; wgmma_span down to what both GEMMs' columns divide."""
     from ..kernels.experts_wgmma import ATOM_COLS
 
     up = (2 * _fit(shapes.intermediate, cfg.block_n_up // 2, ATOM_COLS // 2) if shapes.gated
           else _fit(shapes.n13, cfg.block_n_up, ATOM_COLS))
-    return dataclasses.replace(cfg, block_n_up=up, block_n_down=_fit(shapes.hidden, cfg.block_n_down, ATOM_COLS),
-                               combine_n=_fit(shapes.hidden, cfg.combine_n))
+    down = _fit(shapes.hidden, cfg.block_n_down, ATOM_COLS)
+    span = next(sp for sp in range(cfg.wgmma_span, 0, -1)  # packed tiles per block that still tile both GEMMs
+                if sp == 1 or (max(up, down) * sp <= 256 and shapes.n13 % (up * sp) == 0
+                               and shapes.hidden % (down * sp) == 0))
+    return dataclasses.replace(cfg, block_n_up=up, block_n_down=down, wgmma_span=span, **_fit_combine(cfg, shapes))
 
 
 class ScheduleError(ValueError):

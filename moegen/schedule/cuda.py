@@ -141,16 +141,28 @@ def experts_down(func, name: str, cfg: ExpertsConfig) -> s_tir.Schedule:
 
 
 def combine(func, name: str, cfg: ExpertsConfig) -> s_tir.Schedule:
-    """Tokens x column tiles -> thread blocks, columns -> threads, the K-sum in a register."""
+    """Tokens x column tiles -> thread blocks, combine_vector adjacent columns -> one thread (one vector
+    load of each of its K rows, one vector store), the K-sums in registers."""
     sch = _schedule(func, name)
     st = sch.get_sblock("store", func_name=name)
     t, n = sch.get_loops(st)
-    no, ni = sch.split(n, [None, cfg.combine_n])
+    v = cfg.combine_vector
+    no, ni, nv = sch.split(n, [None, cfg.combine_n // v, v])
     sch.bind(sch.fuse(t, no), "blockIdx.x")
     sch.bind(ni, "threadIdx.x")
     cb = sch.get_sblock("combine", func_name=name)
     sch.compute_at(cb, ni)
     sch.set_scope(cb, 0, "local")
+    if v > 1:
+        cols, k = sch.get_loops(cb)[-2:]
+        sch.reorder(k, cols)
+        sch.unroll(cols)
+        # the vector: a copy of the row piece into registers (the sum itself stays scalar: a vectorized
+        # fp32 select of zero does not compile in TVM's CUDA codegen)
+        piece = sch.cache_read(cb, _read_index(sch, cb, "y"), "local")
+        sch.compute_at(piece, k)
+        sch.vectorize(sch.get_loops(piece)[-1])
+        sch.vectorize(nv)
     return sch
 
 
