@@ -303,18 +303,22 @@ def test_config_ok_names_the_dispatch_tile_and_group_m_limits():
 
 
 def test_combine_sums_vectors_of_adjacent_columns(artifact):
-    """cuda-sm90's schedules ask for combine_vector 8: each combine thread loads 8 adjacent columns of a
-    row at once (16 bytes of a 16-bit y, 32 of fp32) and stores 8 outputs at once; K-sums in fp32."""
+    """cuda-sm90's schedules ask for combine_vector 8 past the decode path: each combine thread loads 8
+    adjacent columns of a row at once (16 bytes of a 16-bit y, 32 of fp32) and stores 8 outputs at once;
+    K-sums in fp32. The decode path keeps a column per thread (measured faster at one token)."""
     from moegen.build import expert_shapes
     from moegen.schedule.config import ExpertsConfig, config_ok, fit_config
 
     root = artifact("tiny", "cuda-sm90")
     m = read_manifest(root)
     src = (root / "moe.cu").read_text()
+    assert [p["config"]["combine_vector"] for p in m["paths"]] == [1] + [8] * (len(m["paths"]) - 1)
     for p in m["paths"]:
         c = p["config"]
-        assert c["combine_vector"] == 8, p["name"]
         k = _kernel(src, f"combine_{p['name']}")
+        if c["combine_vector"] == 1:
+            assert "y_local_ptr" not in k and "uint4" not in k, p["name"]
+            continue
         vec = "uint4" if c.get("y_model_dtype") else "ulonglong4"
         assert f"*({vec}*)(y_local_ptr + 0) = *({vec}*)(y_ptr + " in k, p["name"]
         assert "*(uint4*)(out_ptr + " in k and "float osum_local_ptr[8]" in k.replace("alignas(64) ", ""), p["name"]

@@ -54,6 +54,10 @@ def test_config_ok_names_the_wgmma_limits():
     big = ExpertsConfig(**dict(WG, block_m=192, wgmma_span=2, warp_specialized=True))
     assert "512 threads holding 128 accumulators each" in config_ok(big, relu2)
     assert config_ok(dataclasses.replace(big, block_m=128, stages=4), relu2) is None
+    # three warpgroups issue the copies of a 64 x 256 weight step: 2048 do not split over 384 threads
+    three = ExpertsConfig(**dict(WG, block_m=192, wgmma_span=2))
+    assert "2048 16-byte copies, block_n_up 128 x wgmma_span 2) does not split over the 384 threads" in \
+        config_ok(three, relu2)
 
 
 def test_fit_config_takes_the_span_both_gemms_divide():

@@ -5,23 +5,30 @@ because TVM 0.27 has no wgmma tensor intrinsic for its schedules: the kernels na
 shared memory and instructions themselves (as kernels.dispatch does), from a WgmmaTile.
 
 Shape legend: T tokens (symbolic), K top-k, S = T*K slots, El local experts, Hp padded hidden,
-I intermediate, KD the reduction (Hp for up, I for down), BM rows per block (64 per warpgroup), BN
-columns per weight tile, BK = 64 reduction elements per pipeline step (one 128-byte swizzle row of a
-16-bit dtype), NT weight tiles, MB blocks at most, G sorted blocks per raster group.
+I intermediate, KD the reduction (Hp for up, I for down), BM rows per block (64 per warpgroup), PN
+columns per packed weight tile (the layout), SPAN packed tiles per block, BN = PN * SPAN columns per
+MMA, BK = 64 reduction elements per pipeline step (one 128-byte swizzle row of a 16-bit dtype), NT
+column blocks (packed tiles / SPAN), MB blocks at most, G sorted blocks per raster group.
 
-One thread block per (weight tile, sorted block), BM / 64 warpgroups of 128 threads; warpgroup w
+One thread block per (column block, sorted block), BM / 64 warpgroups of 128 threads; warpgroup w
 computes rows 64w .. 64w + 63 of the block against all BN columns, its fp32 accumulator in registers
 (BN / 2 per thread, wgmma's fragment layout). Per BK step the operands go through a ring of `stages`
 shared-memory buffers, filled with 16-byte cp.async copies STAGES - 2 steps ahead while the MMAs of
 the step before run on (wgmma.wait_group 1; the ring's last buffer is the one they read):
     A [BM, BK]  K-major (rows gathered from x: token of sorted_ids[row]; down: act rows in place),
                 128-byte swizzle: chunk q (16 bytes) of row r at r * 128 + (q ^ r % 8) * 16
-    B [BK, BN]  the packed tile w[e, t, k, :] is N-major: atoms of 64 columns, BK rows of 128 bytes each,
-                swizzled the same way (row k, chunk q at atom * BK * 128 + k * 128 + (q ^ k % 8) * 16)
+    B [BK, BN]  the packed tiles w[e, t * SPAN + p, k, :] side by side, N-major: atoms of 64 columns, BK
+                rows of 128 bytes each, swizzled the same way (row k, chunk q at atom * BK * 128 + k * 128
+                + (q ^ k % 8) * 16)
 and a step is BK / 16 wgmma.m64nBNk16 per warpgroup, both operands named by shared-memory descriptors.
-The epilogue runs on the registers: up pairs gate column c with up column c + BN/2 (the same thread
-holds both), down scales its rows by their routing weight; nothing goes back through shared memory.
-Blocks past num_blocks exit at once (uniformly per thread block).
+The epilogue runs on the registers: in each packed tile up pairs gate column c with up column c + PN/2
+(the same thread holds both), down scales its rows by their routing weight; nothing goes back through
+shared memory. Blocks past num_blocks exit at once (uniformly per thread block).
+
+Warp-specialised form (WgmmaTile.producer; _ws_gemm_func): one more warpgroup, the producer, issues
+every copy; the ring's buffers carry a full and an empty mbarrier each, so the consumers never meet at
+a block-wide barrier, and n_sm persistent blocks walk the same raster, the producer loading the next
+tile while the consumers run this one's epilogue.
 """
 
 from __future__ import annotations
