@@ -32,7 +32,8 @@ def expert_shapes(spec: MoESpec):
                         hidden=spec.kernel_hidden, intermediate=spec.local_intermediate,
                         activation=spec.activation, swiglu_alpha=spec.swiglu_alpha,
                         swiglu_limit=spec.swiglu_limit, expert_bias=spec.expert_bias,
-                        weight_on_input=spec.router.apply_weight_on_input)
+                        weight_on_input=spec.router.apply_weight_on_input,
+                        routed=spec.routed_width if spec.routed_width != spec.kernel_hidden else 0)
 
 
 def schedule_source(target: TargetInfo, schedules: Path | str | None = None,

@@ -199,3 +199,19 @@ def test_span_and_warp_specialised_kernels(ws_artifact, name):
                 assert piece in k, (fn, piece)
             # one block-wide barrier (after the mbarriers' init); the ring is paced by the mbarriers
             assert k.count("__syncthreads()") == 1 and "cp_async_wait" not in k, fn
+
+
+def test_a_padded_up_gemm_ends_its_reduction_at_the_routed_width(tmp_path):
+    """hidden 320 padded to 512: x and w13 are zeros past 320, so the up GEMM runs 5 k steps of 64, not 8
+    (gpt-oss-20b: 45 of 48); the down GEMM's output keeps the padded width."""
+    sched = tmp_path / "s.yaml"
+    sched.write_text(yaml.safe_dump({"paths": [{"name": "w", "max_rows_per_expert": None, "experts": WG}]}))
+    root = build(load_spec(SCRIPT_SPECS / "wgmma-padded-small.yaml"), "cuda-sm90", tmp_path, golden=False,
+                 schedules=sched)
+    m = read_manifest(root)
+    src = (root / "moe.cu").read_text()
+    a = next(arg for arg in m["functions"]["experts_up_w"] if arg["name"] == "a")
+    assert a["shape"][1] == "512"  # the kernel still takes the padded rows
+    up, down = _kernel(src, "experts_up_w"), _kernel(src, "experts_down_w")
+    assert "for (int k = 0; k < 5; ++k)" in up and "for (int k = 0; k < 8; ++k)" not in up
+    assert "for (int k = 0; k < 3; ++k)" in down  # I 192

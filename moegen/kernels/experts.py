@@ -43,6 +43,9 @@ class ExpertShapes:
     swiglu_limit: float
     expert_bias: bool
     weight_on_input: bool
+    # Hr, the routed width before the padding to Hp (0: none). Columns Hr..Hp of x and w13 are zeros,
+    # so an up GEMM may end its reduction at Hr (rounded up to its step) instead of Hp.
+    routed: int = 0
 
     @property
     def gated(self) -> bool:

@@ -5,7 +5,8 @@ because TVM 0.27 has no wgmma tensor intrinsic for its schedules: the kernels na
 shared memory and instructions themselves (as kernels.dispatch does), from a WgmmaTile.
 
 Shape legend: T tokens (symbolic), K top-k, S = T*K slots, El local experts, Hp padded hidden,
-I intermediate, KD the reduction (Hp for up, I for down), BM rows per block (64 per warpgroup), PN
+I intermediate, KD the reduction (Hp for up, I for down; a padded up GEMM stops at the routed width
+Hr rounded up to BK: the padding's columns are zeros in x and w13), BM rows per block (64 per warpgroup), PN
 columns per packed weight tile (the layout), SPAN packed tiles per block, BN = PN * SPAN columns per
 MMA, BK = 64 reduction elements per pipeline step (one 128-byte swizzle row of a 16-bit dtype), NT
 column blocks (packed tiles / SPAN), MB blocks at most, G sorted blocks per raster group.
@@ -136,7 +137,8 @@ class _Gemm:
     kind = property(lambda g: "gated" if g.gated else ("up" if g.up else "down"))
     out_w = property(lambda g: g.s.intermediate if g.up else g.s.hidden)
     out_dt = property(lambda g: g.s.dtype if g.up else g.y_dtype)
-    nk = property(lambda g: g.kd // BK)
+    # k steps: up ends at the routed width (the padding's zeros add nothing), rounded up to BK
+    nk = property(lambda g: -(-g.s.routed // BK) if g.up and g.s.routed else g.kd // BK)
     loaders = property(lambda g: WARPGROUP if g.tile.producer else g.tile.threads)  # threads issuing cp.async
     a_per = property(lambda g: g.tile.block_m * ROW_CHUNKS // g.loaders)  # A chunks per loader per step
     b_per = property(lambda g: BK * (g.tile.mma_n // CHUNK) // g.loaders)  # B chunks per loader per step
