@@ -31,8 +31,9 @@ clean:
 
 # What a GPU box without TVM needs to check CUDA artifacts (built here, no GPU needed), in parts that each
 # fit the device tool's 64 MiB carry: gpu-bundle/whl (cp312 wheels of the runtime's dependencies, 14 MB),
-# gpu-bundle/artifacts (the example and scripts/specs artifacts; scripts/specs/ws/ with its own schedules), gpu-bundle/hf (the hf-*.yaml specs
-# scripts/hf_gpu_check.py patches models with) and gpu-bundle/whl-hf (the transformers wheel).
+# gpu-bundle/artifacts (the example and scripts/specs artifacts; scripts/specs/ws/ with its own schedules),
+# gpu-bundle/hf (the hf-*.yaml specs scripts/hf_gpu_check.py patches models with) and gpu-bundle/whl-hf
+# (the transformers wheel).
 # On the GPU box, from the repo root:
 #   pip install --no-deps --target /tmp/site gpu-bundle/whl/*.whl && PYTHONPATH=/tmp/site:. \
 #   python3 scripts/gpu_check.py && python3 scripts/nccl_check.py   (2 GPUs)
