@@ -215,3 +215,38 @@ def test_a_padded_up_gemm_ends_its_reduction_at_the_routed_width(tmp_path):
     up, down = _kernel(src, "experts_up_w"), _kernel(src, "experts_down_w")
     assert "for (int k = 0; k < 5; ++k)" in up and "for (int k = 0; k < 8; ++k)" not in up
     assert "for (int k = 0; k < 3; ++k)" in down  # I 192
+
+
+def test_runner_passes_the_persistent_grid_to_warp_specialised_kernels(artifact):
+    """A warp-specialised path's expert kernels take one more argument, n_sm (their persistent grid):
+    the runner passes it after the output buffer, and passes nothing more to the other kernels. Checked
+    on the CPU artifact with the path marked warp-specialised and its kernels wrapped (the wrappers drop
+    n_sm before the CPU kernels run, so the output must not change)."""
+    import torch
+
+    from moegen.reference import random_weights
+    from moegen.runtime import MoERunner
+
+    spec = load_spec(Path(__file__).resolve().parents[1] / "examples/specs/tiny.yaml")
+    r = MoERunner.load(artifact("tiny"), random_weights(spec, 0))
+    x, lg = torch.randn(9, spec.hidden_size).to(getattr(torch, spec.dtype)), torch.randn(9, spec.num_experts)
+    want = r(x, lg)
+    seen = {}
+
+    def wrap(name, fn, n_args):
+        def call(*args):
+            seen[name] = args[n_args:]
+            return fn(*args[:n_args])
+        return call
+
+    for p in r.paths:
+        p["config"] = dict(p["config"], warp_specialized=True)
+    for name in list(r._fns):
+        if name.startswith(("experts_up_", "experts_down_")):
+            r._fns[name] = wrap(name, r._fns[name], 8)
+        elif name.startswith("combine_"):
+            r._fns[name] = wrap(name, r._fns[name], 3)
+    got = r(x, lg)
+    assert torch.equal(got, want)
+    assert seen and all(extra == (r._n_sm,) for n, extra in seen.items() if n.startswith("experts_")), seen
+    assert all(extra == () for n, extra in seen.items() if n.startswith("combine_")), seen
