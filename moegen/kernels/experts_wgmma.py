@@ -88,6 +88,11 @@ class WgmmaTile:
         return self.consumers + (WARPGROUP if self.producer else 0)
 
     @property
+    def loaders(self) -> int:
+        """The threads issuing the 16-byte copies: the producer warpgroup, or every thread."""
+        return WARPGROUP if self.producer else self.threads
+
+    @property
     def stage_bytes(self) -> int:
         return (self.block_m + self.mma_n) * BK * 2
 
@@ -139,7 +144,7 @@ class _Gemm:
     out_dt = property(lambda g: g.s.dtype if g.up else g.y_dtype)
     # k steps: up ends at the routed width (the padding's zeros add nothing), rounded up to BK
     nk = property(lambda g: -(-g.s.routed // BK) if g.up and g.s.routed else g.kd // BK)
-    loaders = property(lambda g: WARPGROUP if g.tile.producer else g.tile.threads)  # threads issuing cp.async
+    loaders = property(lambda g: g.tile.loaders)
     a_per = property(lambda g: g.tile.block_m * ROW_CHUNKS // g.loaders)  # A chunks per loader per step
     b_per = property(lambda g: BK * (g.tile.mma_n // CHUNK) // g.loaders)  # B chunks per loader per step
     acc = property(lambda g: g.tile.mma_n // 2)  # fp32 accumulators per consumer thread
@@ -255,8 +260,8 @@ def _ws_gemm_func(g: _Gemm):
         bars = base + T.uint32(g_S * g_STAGE)  # full[s] at bars + 8 s, empty[s] at bars + 8 (S + s)
         if tx == 0:
             for st in range(g_S):
-                T.ptx.mbarrier.init.shared.b64(bars + T.uint32(st * MBAR_BYTES), T.uint32(WARPGROUP))
-                T.ptx.mbarrier.init.shared.b64(bars + T.uint32((g_S + st) * MBAR_BYTES), T.uint32(g_CTH))
+                T.ptx.mbarrier.init.shared.b64(_full(bars, st), T.uint32(WARPGROUP))
+                T.ptx.mbarrier.init.shared.b64(_empty(bars, g_S, st), T.uint32(g_CTH))
         T.tvm_storage_sync("shared")
         step[0] = 0
         nb = T.Cast("int64", num_blocks[0])
@@ -271,32 +276,38 @@ def _ws_gemm_func(g: _Gemm):
                     _a_rows(g, arow, sorted_ids, blk, tx, n_slots)
                     for k in range(g_nk):
                         # the buffer's consumers have released its last use (passes at once the first time)
-                        T.cuda.mbarrier_wait(bars + T.Cast("uint32", (g_S + step[0] % g_S) * MBAR_BYTES),
-                                             T.bitwise_xor(step[0] // g_S % 2, 1))
+                        T.cuda.mbarrier_wait(_empty(bars, g_S, step[0] % g_S), T.bitwise_xor(step[0] // g_S % 2, 1))
                         _load_step(g, k, step[0] % g_S, base, a, w, e, nt, arow, tx)
-                        T.ptx.cp.async_.mbarrier.arrive.noinc.shared.b64(
-                            bars + T.Cast("uint32", step[0] % g_S * MBAR_BYTES))
+                        T.ptx.cp.async_.mbarrier.arrive.noinc.shared.b64(_full(bars, step[0] % g_S))
                         step[0] = step[0] + 1
                 else:  # the consumers (thread tx - 128 of them)
                     for j in T.unroll(g_ACC):
                         acc[j] = T.float32(0)
                     for k in range(g_nk):
-                        T.cuda.mbarrier_wait(bars + T.Cast("uint32", step[0] % g_S * MBAR_BYTES), step[0] // g_S % 2)
+                        T.cuda.mbarrier_wait(_full(bars, step[0] % g_S), step[0] // g_S % 2)
                         T.ptx.fence.proxy.async_.shared__cta()  # the producer's copies, to the tensor cores
                         _mma_step(g_mma, acc, g_ACC, base, step[0] % g_S * g_STAGE, tx - WARPGROUP, g_A_BYTES)
                         T.ptx.wgmma.wait_group.sync.aligned(1)  # the step before is done: release its buffer
-                        if k > 0:
-                            T.ptx.mbarrier.arrive.shared.b64(
-                                bars + T.Cast("uint32", (g_S + (step[0] + (g_S - 1)) % g_S) * MBAR_BYTES),
-                                T.uint32(1))
+                        if k > 0:  # the buffer of the step before
+                            T.ptx.mbarrier.arrive.shared.b64(_empty(bars, g_S, (step[0] + (g_S - 1)) % g_S),
+                                                             T.uint32(1))
                         step[0] = step[0] + 1
                     T.ptx.wgmma.wait_group.sync.aligned(0)
-                    T.ptx.mbarrier.arrive.shared.b64(
-                        bars + T.Cast("uint32", (g_S + (step[0] + (g_S - 1)) % g_S) * MBAR_BYTES), T.uint32(1))
+                    T.ptx.mbarrier.arrive.shared.b64(_empty(bars, g_S, (step[0] + (g_S - 1)) % g_S), T.uint32(1))
                     _epilogue(g, acc, out, bias, topk_weights, tw, sorted_ids, blk, e, nt, tx - WARPGROUP,
                               n_slots)
 
     return gemm
+
+
+def _full(bars, stage):
+    """The shared address of ring buffer `stage`'s full barrier (its copies have landed)."""
+    return bars + T.Cast("uint32", stage * MBAR_BYTES)
+
+
+def _empty(bars, stages, stage):
+    """The shared address of ring buffer `stage`'s empty barrier (its MMAs are done)."""
+    return bars + T.Cast("uint32", (stages + stage) * MBAR_BYTES)
 
 
 def _ring_base(ring):

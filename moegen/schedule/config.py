@@ -214,7 +214,7 @@ WGMMA_OTHER_REGISTERS = 40  # what a thread needs besides its accumulators (addr
 
 
 def _wgmma_ok(cfg: ExpertsConfig, shapes: ExpertShapes) -> str | None:
-    from ..kernels.experts_wgmma import ATOM_COLS, BK, CHUNK, WARPGROUP, WG_ROWS, WgmmaTile
+    from ..kernels.experts_wgmma import ATOM_COLS, BK, CHUNK, WG_ROWS, WgmmaTile
 
     if shapes.dtype not in ("float16", "bfloat16"):
         return f"wgmma needs float16 or bfloat16 weights, not {shapes.dtype}"
@@ -238,10 +238,10 @@ def _wgmma_ok(cfg: ExpertsConfig, shapes: ExpertShapes) -> str | None:
         if cols % (n * cfg.wgmma_span):
             return f"wgmma: {field} {n} x wgmma_span {cfg.wgmma_span} does not divide the {cols} columns"
         tile = WgmmaTile(cfg.block_m, n, cfg.stages, span=cfg.wgmma_span, producer=cfg.warp_specialized)
-        loaders = WARPGROUP if tile.producer else tile.threads  # the threads issuing the 16-byte copies
-        if (BK * tile.mma_n // CHUNK) % loaders:
+        if (BK * tile.mma_n // CHUNK) % tile.loaders:
             return (f"wgmma: the {BK} x {tile.mma_n} weight step ({BK * tile.mma_n // CHUNK} 16-byte copies, {field} "
-                    f"{n} x wgmma_span {cfg.wgmma_span}) does not split over the {loaders} threads of block_m {cfg.block_m}")
+                    f"{n} x wgmma_span {cfg.wgmma_span}) does not split over the {tile.loaders} threads of block_m "
+                    f"{cfg.block_m}")
         if tile.smem_bytes > WGMMA_SHARED_BYTES:
             return (f"wgmma: {cfg.stages} stages of block_m {cfg.block_m} x {field} {n} x wgmma_span "
                     f"{cfg.wgmma_span} need {tile.smem_bytes} bytes of shared memory (at most {WGMMA_SHARED_BYTES})")
