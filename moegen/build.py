@@ -33,7 +33,7 @@ def expert_shapes(spec: MoESpec):
                         activation=spec.activation, swiglu_alpha=spec.swiglu_alpha,
                         swiglu_limit=spec.swiglu_limit, expert_bias=spec.expert_bias,
                         weight_on_input=spec.router.apply_weight_on_input,
-                        routed=spec.routed_width if spec.routed_width != spec.kernel_hidden else 0)
+                        x_width=spec.kernel_x_width)
 
 
 def schedule_source(target: TargetInfo, schedules: Path | str | None = None,

@@ -74,6 +74,11 @@ class ParallelSpec:
     sequence_parallel: bool = False  # tokens split across ranks; no all-reduce of the output
 
 
+# the reduction step of the tensor-core up GEMMs (wgmma's BK; mma.sync's block_k fits to a divisor of it):
+# the width Hx of x they read is a multiple of it (MoESpec.kernel_x_width)
+X_STEP = 64
+
+
 @dataclass(frozen=True)
 class PaddingSpec:
     hidden_multiple: int = 1  # kernels see the routed width rounded up to this
@@ -114,6 +119,13 @@ class MoESpec:
         """Hp: the routed width rounded up to padding.hidden_multiple."""
         m = self.padding.hidden_multiple
         return -(-self.routed_width // m) * m
+
+    @property
+    def kernel_x_width(self) -> int:
+        """Hx: the columns of x the up GEMMs read, the routed width rounded up to X_STEP (at most Hp).
+        w13's columns past Hr are zeros, so the reduction stops at Hx and the runner pads x to Hx only:
+        gpt-oss-20b's 2880 of Hp 3072 need no pad at all."""
+        return min(self.kernel_hidden, -(-self.routed_width // X_STEP) * X_STEP)
 
     @property
     def local_intermediate(self) -> int:

@@ -244,6 +244,50 @@ def test_decode_path_loads_weights_16_bytes_at_a_time(artifact):
         assert k.index("num_blocks_ptr[0]") < k.index(f"*(uint4*)({w} + "), fn
 
 
+def test_decode_unroll_loads_its_k_steps_to_registers_first(tmp_path):
+    """decode_unroll 8: each decode thread copies 8 k steps of 16-byte weight vectors to registers, then
+    sums them (the loads in flight together). Up: 256 / split_k 8 = 32 steps, 4 iterations of 8; down:
+    96 / 8 = 12 steps, the unroll fitted to 6 (a divisor), 2 iterations."""
+    import yaml
+
+    from moegen.build import build
+    from moegen.spec import parse_spec
+
+    spec = parse_spec({"name": "unroll", "dtype": "bfloat16", "hidden_size": 256, "intermediate_size": 96,
+                       "num_experts": 8, "top_k": 2})
+    cfg = {"block_m": 1, "block_n_up": 64, "block_n_down": 64, "combine_n": 128, "gather_rows": False,
+           "grid_blocks": True, "split_k": 8, "vector_loads": True, "sort": False, "dispatch_threads": 256,
+           "y_model_dtype": True, "decode_unroll": 8}
+    sched = tmp_path / "s.yaml"
+    sched.write_text(yaml.safe_dump({"paths": [{"name": "d", "max_rows_per_expert": None, "experts": cfg}]}))
+    src = (build(spec, "cuda-sm90", tmp_path, golden=False, schedules=sched) / "moe.cu").read_text()
+    for fn, w, steps, unroll in (("experts_up_d", "w13", 32, 8), ("experts_down_d", "w2", 12, 6)):
+        k = _kernel(src, fn)
+        assert f"nv_bfloat16 {w}_local_ptr[{unroll * 8}];" in k, fn  # unroll x 8 elements in registers
+        loads = re.findall(rf"\*\(uint4\*\)\({w}_local_ptr \+ \(int64_t\)(\d+)\) = \*\(uint4\*\)\({w}_ptr \+ ", k)
+        assert sorted(int(o) for o in loads) == [8 * i for i in range(unroll)], (fn, loads)
+        assert f"< (int64_t){steps // unroll}; ++" in k, fn
+        # every load of an iteration comes before its first sum
+        body = k[k.index(f"{w}_local_ptr + (int64_t)0) ="):]
+        assert body.index(f"{w}_local_ptr + (int64_t){8 * (unroll - 1)}) =") < body.index("gu_rf" if w == "w13" else "ysum_rf"), fn
+
+
+def test_decode_unroll_limits():
+    """config_ok: decode_unroll 1-16, and 16 bytes of registers per unrolled step for every thread of the
+    block must fit the multiprocessor's registers; the CPU and tensor-core paths ignore it."""
+    from moegen.kernels.experts import ExpertShapes
+    from moegen.schedule.config import ExpertsConfig, config_ok
+
+    sh = ExpertShapes("bfloat16", 128, 8, 2048, 768, "silu", 1.702, 7.0, False, False)
+    dec = dict(block_m=1, block_n_up=128, block_n_down=128, combine_n=128, grid_blocks=True, sort=False,
+               vector_loads=True)
+    assert config_ok(ExpertsConfig(**dec, split_k=64, decode_unroll=8), sh) is None  # 1024 threads x 56
+    assert "pass the 65536 registers" in config_ok(ExpertsConfig(**dec, split_k=64, decode_unroll=16), sh)
+    assert config_ok(ExpertsConfig(**dec, split_k=32, decode_unroll=16), sh) is None  # 512 threads
+    assert "decode_unroll 0 must be 1 to 16" in config_ok(ExpertsConfig(**dec, split_k=32, decode_unroll=0), sh)
+    assert "decode_unroll 32 must be 1 to 16" in config_ok(ExpertsConfig(**dec, split_k=32, decode_unroll=32), sh)
+
+
 def test_sharded_spec_builds_for_cuda(tmp_path):
     """A TP-2 shard with narrow widths (I 32 per rank) builds every CUDA path: the vector decode fits
     its split-K so each thread keeps at least two k steps (found by `make gpu-bundle`)."""

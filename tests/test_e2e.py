@@ -257,6 +257,29 @@ def test_chunking_above_max_chunk_tokens(tmp_path):
         assert sum(chunks) == T and max(chunks) <= step, (T, chunks)
 
 
+def test_padded_layer_reads_x_to_the_reduction_step_only(tmp_path):
+    """hidden 100 padded to 256: the up GEMMs take x [T, 128] (Hr rounded up to spec.X_STEP, not Hp),
+    the runner pads x that far only, and the layer still equals the reference, with its output [T, 100]."""
+    from moegen.build import build
+
+    spec = parse_spec({"name": "padded-x", "dtype": "bfloat16", "hidden_size": 100, "intermediate_size": 48,
+                       "num_experts": 6, "top_k": 2, "activation": "swigluoai", "expert_bias": True,
+                       "padding": {"hidden_multiple": 256}})
+    assert (spec.kernel_hidden, spec.kernel_x_width) == (256, 128)
+    root = build(spec, DEFAULT_TARGET, tmp_path, golden=False)
+    m = json.loads((root / MANIFEST).read_text())
+    ups = [f for f in m["functions"] if f.startswith("experts_up_")]
+    assert ups and all(m["functions"][f][0]["shape"][1] == "128" for f in ups)
+    weights = random_weights(spec, 3)
+    runner = MoERunner.load(root, weights)
+    calls = spy_kernels(runner)
+    for T in (1, 9, 70):
+        calls.clear()
+        x, logits = inputs(spec, T, seed=T)
+        check_against_ref(spec, runner(x, logits), moe_ref(spec, weights, x, logits), T, f"padded T={T}")
+        assert [shape for name, shape in calls if name.startswith("experts_up_")] == [(T, 128)], calls
+
+
 # ---- runner input errors ---------------------------------------------------------------------
 
 

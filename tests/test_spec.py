@@ -475,19 +475,21 @@ def test_load_spec_empty_file_and_invalid_field(tmp_path):
 # ---- derived widths --------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("H,L,m,routed,hp", [
-    (2880, None, 256, 2880, 3072),
-    (3072, None, 256, 3072, 3072),
-    (40, None, 1, 40, 40),
-    (40, None, 16, 40, 48),
-    (4096, 1000, 64, 1000, 1024),  # with a latent transform the kernels see L, not H
-    (4096, 1024, 256, 1024, 1024),
-    (7, None, 8, 7, 8),
+@pytest.mark.parametrize("H,L,m,routed,hp,hx", [
+    (2880, None, 256, 2880, 3072, 2880),  # gpt-oss-20b: x needs no pad (w13's columns past 2880 are zeros)
+    (3072, None, 256, 3072, 3072, 3072),
+    (40, None, 1, 40, 40, 40),
+    (40, None, 16, 40, 48, 48),
+    (300, None, 256, 300, 512, 320),  # x padded to the reduction step (64), not to Hp
+    (4096, 1000, 64, 1000, 1024, 1024),  # with a latent transform the kernels see L, not H
+    (4096, 1024, 256, 1024, 1024, 1024),
+    (7, None, 8, 7, 8, 8),
 ])
-def test_kernel_hidden_and_routed_width(H, L, m, routed, hp):
+def test_kernel_hidden_and_routed_width(H, L, m, routed, hp, hx):
     s = parse_spec(with_(BASE, hidden_size=H, latent_size=L, padding__hidden_multiple=m))
     assert s.routed_width == routed
     assert s.kernel_hidden == hp
+    assert s.kernel_x_width == hx
 
 
 @pytest.mark.parametrize("I,E,tp,ep,li,le", [(32, 8, 1, 1, 32, 8), (32, 8, 4, 2, 8, 4), (96, 16, 3, 16, 32, 1),

@@ -202,8 +202,8 @@ def test_span_and_warp_specialised_kernels(ws_artifact, name):
 
 
 def test_a_padded_up_gemm_ends_its_reduction_at_the_routed_width(tmp_path):
-    """hidden 320 padded to 512: x and w13 are zeros past 320, so the up GEMM runs 5 k steps of 64, not 8
-    (gpt-oss-20b: 45 of 48); the down GEMM's output keeps the padded width."""
+    """hidden 320 padded to 512: w13 is zeros past 320, so the up GEMM takes x [T, 320] (no pad) and runs 5
+    k steps of 64, not 8 (gpt-oss-20b: 45 of 48); the down GEMM's output keeps the padded width."""
     sched = tmp_path / "s.yaml"
     sched.write_text(yaml.safe_dump({"paths": [{"name": "w", "max_rows_per_expert": None, "experts": WG}]}))
     root = build(load_spec(SCRIPT_SPECS / "wgmma-padded-small.yaml"), "cuda-sm90", tmp_path, golden=False,
@@ -211,7 +211,9 @@ def test_a_padded_up_gemm_ends_its_reduction_at_the_routed_width(tmp_path):
     m = read_manifest(root)
     src = (root / "moe.cu").read_text()
     a = next(arg for arg in m["functions"]["experts_up_w"] if arg["name"] == "a")
-    assert a["shape"][1] == "512"  # the kernel still takes the padded rows
+    assert a["shape"][1] == "320"  # x unpadded (the packed w13 keeps its 512 rows per tile)
+    w = next(arg for arg in m["functions"]["experts_up_w"] if arg["name"] == "w")
+    assert w["shape"][2] == "512"
     up, down = _kernel(src, "experts_up_w"), _kernel(src, "experts_down_w")
     assert "for (int k = 0; k < 5; ++k)" in up and "for (int k = 0; k < 8; ++k)" not in up
     assert "for (int k = 0; k < 3; ++k)" in down  # I 192

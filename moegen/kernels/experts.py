@@ -1,8 +1,8 @@
 """Expert kernels: two grouped GEMMs over the block-aligned sorted order (compute only).
 Twins: `moegen.reference.experts_up_ref` and `experts_down_ref`.
 
-Shape legend: T tokens (symbolic), K top-k, S = T*K slots, El local experts, Hp padded hidden,
-I intermediate per rank, N13 = 2I (gated) or I (relu2), BM rows per block, MB blocks at most
+Shape legend: T tokens (symbolic), K top-k, S = T*K slots, El local experts, Hp padded hidden, Hx the
+columns of x the up GEMM reads (Hp, or with padding the routed width rounded up), I intermediate per rank, N13 = 2I (gated) or I (relu2), BM rows per block, MB blocks at most
 (ceil(S / BM) + El; S without the sort), MP = MB * BM sorted rows, BN columns per weight tile, NT tiles.
 
 Weights arrive packed in column tiles (the runner packs once at load, see runtime/packing.py):
@@ -14,7 +14,8 @@ Biases are packed the same way ([El, NT, BN]). Iterating tile-major (tiles outer
 one expert's weight tile hot in cache while every block of that expert reads it: weights cross memory
 once per forward, whatever the token count.
 
-experts_up:   act[r, :] = activation(x[token(r)] @ w13[e(r)].T + b13)                 [MP, I]
+experts_up:   act[r, :] = activation(x[token(r)] @ w13[e(r), :, :Hx].T + b13)         [MP, I]
+              (x [T, Hx]: w13's columns past Hx are the padding's zeros)
 experts_down: y[r, :]   = (act[r] @ w2[e(r)].T + b2) * weight(r)                       [MP, Hp] (scratch)
               out[t, :] = sum_k y[slot_pos[t*K + k], :]  (slots of other EP ranks add 0)  [T, Hp]
 """
@@ -43,9 +44,13 @@ class ExpertShapes:
     swiglu_limit: float
     expert_bias: bool
     weight_on_input: bool
-    # Hr, the routed width before the padding to Hp (0: none). Columns Hr..Hp of x and w13 are zeros,
-    # so an up GEMM may end its reduction at Hr (rounded up to its step) instead of Hp.
-    routed: int = 0
+    # Hx, the columns of x the up GEMMs read and reduce over (0: Hp). With hidden padding, Hr rounded up
+    # to spec.X_STEP: w13's columns past Hr are zeros, so x needs no columns past Hx (MoESpec.kernel_x_width)
+    x_width: int = 0
+
+    @property
+    def hx(self) -> int:
+        return self.x_width or self.hidden
 
     @property
     def gated(self) -> bool:
@@ -111,6 +116,7 @@ def experts_up_func(s: ExpertShapes, block_m: int, block_n: int, gather_rows: bo
     unsorted (one row per block): the dispatch of a path without the sort, where a block below
     num_blocks can belong to another EP rank (block_expert -1): see _expert."""
     u_dt, u_El, u_K, u_H, u_I = s.dtype, s.local_experts, s.top_k, s.hidden, s.intermediate
+    u_HX = s.hx  # x's columns, the reduction (w13 keeps its Hp rows per tile)
     u_BM, u_BN = block_m, block_n
     u_gated, u_woi, u_bias = s.gated, s.weight_on_input, s.expert_bias
     u_half = u_BN // 2 if u_gated else u_BN  # output columns per tile
@@ -128,9 +134,9 @@ def experts_up_func(s: ExpertShapes, block_m: int, block_n: int, gather_rows: bo
     u_copy_rows = stage_operands and not u_woi  # a plain row copy (asynchronous copies need one)
     # extents and shapes: int64 like the symbolic token count when staged (TVM's region analysis cannot see
     # through int32 -> int64 casts in the indices, and compute_at needs it)
-    u_NT, u_BM, u_BN, u_H, u_I, u_half, u_El, u_K, u_xs_nt, u_acc_nt, u_acc_w, u_acc_stride = (
+    u_NT, u_BM, u_BN, u_H, u_HX, u_I, u_half, u_El, u_K, u_xs_nt, u_acc_nt, u_acc_w, u_acc_stride = (
         _extent(n, stage_operands or int64_loops)
-        for n in (u_NT, u_BM, u_BN, u_H, u_I, u_half, u_El, u_K, u_xs_nt, u_acc_nt, u_acc_w, u_acc_stride))
+        for n in (u_NT, u_BM, u_BN, u_H, u_HX, u_I, u_half, u_El, u_K, u_xs_nt, u_acc_nt, u_acc_w, u_acc_stride))
     tok = token_var()
     n_slots = tok * u_K
     n_blocks = _max_blocks(n_slots, u_BM, u_El, unsorted)
@@ -139,7 +145,7 @@ def experts_up_func(s: ExpertShapes, block_m: int, block_n: int, gather_rows: bo
     def experts_up(x_h: T.handle, tw_h: T.handle, sorted_h: T.handle, bexp_h: T.handle,
                    nblk_h: T.handle, w_h: T.handle, b_h: T.handle, act_h: T.handle):
         T.func_attr({"tir.noalias": True})
-        x = T.match_buffer(x_h, (tok, u_H), u_dt)
+        x = T.match_buffer(x_h, (tok, u_HX), u_dt)
         topk_weights = T.match_buffer(tw_h, (tok, u_K), "float32")
         sorted_ids = T.match_buffer(sorted_h, (n_blocks * u_BM,), "int32")
         block_expert = T.match_buffer(bexp_h, (n_blocks,), "int32")
@@ -148,12 +154,12 @@ def experts_up_func(s: ExpertShapes, block_m: int, block_n: int, gather_rows: bo
         b13 = T.match_buffer(b_h, (u_El, u_NT, u_BN), u_dt)
         act = T.match_buffer(act_h, (n_blocks * u_BM, u_I), u_dt)
         gu = T.sblock_alloc_buffer((u_acc_nt, n_blocks * u_BM, u_acc_w), "float32")
-        xs = T.sblock_alloc_buffer((u_xs_nt, n_blocks * u_BM, u_H), u_xs_dt)
-        ws = T.sblock_alloc_buffer((n_blocks, u_NT, u_H, u_BN), u_dt)
+        xs = T.sblock_alloc_buffer((u_xs_nt, n_blocks * u_BM, u_HX), u_xs_dt)
+        ws = T.sblock_alloc_buffer((n_blocks, u_NT, u_HX, u_BN), u_dt)
         for nt in range(u_NT):
             for b in range(n_blocks if grid_blocks else T.Cast("int64", num_blocks[0])):
                 if stage_operands:
-                    for h, c in T.grid(u_H, u_BN):
+                    for h, c in T.grid(u_HX, u_BN):
                         with T.sblock("load_w"):
                             if grid_blocks:
                                 T.where(b < T.Cast("int64", num_blocks[0]))
@@ -163,7 +169,7 @@ def experts_up_func(s: ExpertShapes, block_m: int, block_n: int, gather_rows: bo
                             ws[vb, vt, vh, vc] = w13[_expert(block_expert, vb, unsorted), vt, vh, vc]
                 if u_gather:
                     # the block's input rows, gathered and in fp32 (scaled by the routing weight on input)
-                    for m, h in T.grid(u_BM, u_H):
+                    for m, h in T.grid(u_BM, u_HX):
                         with T.sblock("gather"):
                             if grid_blocks:
                                 T.where(b < T.Cast("int64", num_blocks[0]))
@@ -175,7 +181,7 @@ def experts_up_func(s: ExpertShapes, block_m: int, block_n: int, gather_rows: bo
                             xs[vt * u_xs_per_tile, (vb if u_one_row else vb * u_BM + vm), vh] = x[T.min(T.Cast("int64", sorted_ids[(vb if u_one_row else vb * u_BM + vm)]), n_slots - 1) // u_K, vh] if u_copy_rows else T.Cast(u_xs_dt, T.Cast("float32", x[T.min(T.Cast("int64", sorted_ids[(vb if u_one_row else vb * u_BM + vm)]), n_slots - 1) // u_K, vh]) * T.if_then_else(
                                 u_woi, topk_weights[T.min(T.Cast("int64", sorted_ids[(vb if u_one_row else vb * u_BM + vm)]), n_slots - 1) // u_K,
                                                     T.min(T.Cast("int64", sorted_ids[(vb if u_one_row else vb * u_BM + vm)]), n_slots - 1) % u_K], T.float32(1)))
-                for m, c, h in T.grid(u_BM, u_BN, u_H):
+                for m, c, h in T.grid(u_BM, u_BN, u_HX):
                     with T.sblock("gemm"):
                         if grid_blocks:
                             T.where(b < T.Cast("int64", num_blocks[0]))

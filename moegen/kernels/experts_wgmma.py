@@ -5,8 +5,8 @@ because TVM 0.27 has no wgmma tensor intrinsic for its schedules: the kernels na
 shared memory and instructions themselves (as kernels.dispatch does), from a WgmmaTile.
 
 Shape legend: T tokens (symbolic), K top-k, S = T*K slots, El local experts, Hp padded hidden,
-I intermediate, KD the reduction (Hp for up, I for down; a padded up GEMM stops at the routed width
-Hr rounded up to BK: the padding's columns are zeros in x and w13), BM rows per block (64 per warpgroup), PN
+I intermediate, KD the weights' rows (Hp for up, I for down), KA the reduction and A's width (up: Hx,
+the columns of x, which with padding end at the routed width rounded up to 64: w13's rows past it are zeros; down: I), BM rows per block (64 per warpgroup), PN
 columns per packed weight tile (the layout), SPAN packed tiles per block, BN = PN * SPAN columns per
 MMA, BK = 64 reduction elements per pipeline step (one 128-byte swizzle row of a 16-bit dtype), NT
 column blocks (packed tiles / SPAN), MB blocks at most, G sorted blocks per raster group.
@@ -131,19 +131,19 @@ class _Gemm:
     def __post_init__(self):
         t, s = self.tile, self.s
         assert t.block_m % WG_ROWS == 0 and t.block_n % ATOM_COLS == 0 and t.mma_n <= 256 and t.stages >= 3, t
-        assert self.kd % BK == 0 and (self.nt_packed % t.span == 0), (self.kd, self.nt_packed, t)
+        assert self.ka % BK == 0 and (self.nt_packed % t.span == 0), (self.ka, self.nt_packed, t)
         assert (t.block_m * ROW_CHUNKS) % self.loaders == 0 and (BK * t.mma_n // CHUNK) % self.loaders == 0
         assert not s.weight_on_input, "the routing weight on the input is applied by the mma.sync kernels only"
 
-    kd = property(lambda g: g.s.hidden if g.up else g.s.intermediate)  # the reduction
+    kd = property(lambda g: g.s.hidden if g.up else g.s.intermediate)  # the weights' rows
+    ka = property(lambda g: g.s.hx if g.up else g.s.intermediate)  # the reduction: A's columns
     nt_packed = property(lambda g: (g.s.n13 if g.up else g.s.hidden) // g.tile.block_n)  # packed tiles
     nt = property(lambda g: g.nt_packed // g.tile.span)  # blocks across the columns
     gated = property(lambda g: g.up and g.s.gated)
     kind = property(lambda g: "gated" if g.gated else ("up" if g.up else "down"))
     out_w = property(lambda g: g.s.intermediate if g.up else g.s.hidden)
     out_dt = property(lambda g: g.s.dtype if g.up else g.y_dtype)
-    # k steps: up ends at the routed width (the padding's zeros add nothing), rounded up to BK
-    nk = property(lambda g: -(-g.s.routed // BK) if g.up and g.s.routed else g.kd // BK)
+    nk = property(lambda g: g.ka // BK)  # k steps
     loaders = property(lambda g: g.tile.loaders)
     a_per = property(lambda g: g.tile.block_m * ROW_CHUNKS // g.loaders)  # A chunks per loader per step
     b_per = property(lambda g: BK * (g.tile.mma_n // CHUNK) // g.loaders)  # B chunks per loader per step
@@ -167,13 +167,13 @@ def _wgmma_gemm_func(s: ExpertShapes, tile: WgmmaTile, up: bool, y_dtype: str):
     n_slots = tok * g_K
     n_blocks = _max_blocks(n_slots, g_BM, s.local_experts, False)
     n_groups = (n_blocks + (g_G - 1)) // g_G
-    a_rows = tok if up else n_blocks * g_BM  # x [T, Hp] | act [MP, I]
+    a_rows = tok if up else n_blocks * g_BM  # x [T, Hx] | act [MP, I]
 
     @T.prim_func
     def gemm(a_h: T.handle, tw_h: T.handle, sorted_h: T.handle, bexp_h: T.handle, nblk_h: T.handle,
              w_h: T.handle, b_h: T.handle, out_h: T.handle):
         T.func_attr({"tir.noalias": True})
-        a = T.match_buffer(a_h, (a_rows, g.kd), g_dt)
+        a = T.match_buffer(a_h, (a_rows, g.ka), g_dt)
         topk_weights = T.match_buffer(tw_h, (tok, g_K), "float32")
         sorted_ids = T.match_buffer(sorted_h, (n_blocks * g_BM,), "int32")
         block_expert = T.match_buffer(bexp_h, (n_blocks,), "int32")
@@ -241,7 +241,7 @@ def _ws_gemm_func(g: _Gemm):
     def gemm(a_h: T.handle, tw_h: T.handle, sorted_h: T.handle, bexp_h: T.handle, nblk_h: T.handle,
              w_h: T.handle, b_h: T.handle, out_h: T.handle, n_sm: T.int64):
         T.func_attr({"tir.noalias": True})
-        a = T.match_buffer(a_h, (a_rows, g.kd), g_dt)
+        a = T.match_buffer(a_h, (a_rows, g.ka), g_dt)
         topk_weights = T.match_buffer(tw_h, (tok, g_K), "float32")
         sorted_ids = T.match_buffer(sorted_h, (n_blocks * g_BM,), "int32")
         block_expert = T.match_buffer(bexp_h, (n_blocks,), "int32")

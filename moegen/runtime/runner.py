@@ -2,12 +2,12 @@
 Imports tvm_ffi and torch only (through loader.py), never apache-tvm.
 
 Shape legend: T tokens, E experts, El local experts, K top-k, H hidden, Hr routed width (L or H),
-Hp padded hidden (kernel width), I intermediate per rank, Is shared intermediate,
+Hp padded hidden (kernel width), Hx the columns of x the up GEMMs read (Hr rounded up, at most Hp), I intermediate per rank, Is shared intermediate,
 MB blocks at most = ceil(T*K / BM) + El, MP = MB * BM sorted rows.
 
 Forward (seed: shared/seed/moe_runner_base.txt):
   1. routed-input transform (latent_proj): routed experts see [T, L], shared experts [T, H]
-  2. pad the routed input to Hp with zeros
+  2. pad the routed input to Hx with zeros (w13's columns past Hx are zeros: the kernels stop there)
   3. gate (when the runner holds one): router logits in fp32
   4-7. kernels: routing -> dispatch -> experts_up -> experts_down -> combine (all router options,
        activations, biases and routing weights are computed there); a path without the sort
@@ -27,6 +27,7 @@ import torch
 import torch.nn.functional as F
 import tvm_ffi
 
+from ..artifact import ArtifactError
 from ..reference import activation_ref, max_blocks, tile_counts_size  # pure torch, shared with the oracle
 from ..spec import OPTIONAL_WEIGHTS, MoESpec, spec_from_dict, weights_contract
 from . import packing
@@ -82,6 +83,12 @@ class MoERunner:
         self._fns = {name: module[name] for name in manifest["functions"]}
         # the persistent grid of warp-specialised wgmma kernels: one block per multiprocessor
         self._n_sm = torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 1
+        # Hx, the columns of x the up GEMMs take (their first argument): Hp, or with hidden padding the
+        # routed width rounded up (build: spec.kernel_x_width; artifacts before session 7 took Hp)
+        widths = {int(a[0]["shape"][1]) for f, a in manifest["functions"].items() if f.startswith("experts_up_")}
+        if len(widths) != 1:
+            raise ArtifactError(f"the up GEMMs of {root} take x of {sorted(widths)} columns; one width expected")
+        self._x_width = widths.pop()
         self._stage: dict[str, tuple[int, dict]] = {}  # path -> (token capacity, staging buffers)
         self._pack(weights)
 
@@ -295,8 +302,8 @@ class MoERunner:
         if sp:
             sizes = list(sp_sizes) if sp_sizes is not None else [x.shape[0]] * self._group_size()
             x, xr, logits = (self._sp_gather(t, sizes) for t in (x, xr, logits))
-        Hr, Hp = spec.routed_width, spec.kernel_hidden
-        xp = F.pad(xr, (0, Hp - Hr)) if Hp != Hr else xr  # [T, Hp]
+        Hr, Hx = spec.routed_width, self._x_width
+        xp = F.pad(xr, (0, Hx - Hr)) if Hx != Hr else xr  # [T, Hx]
         if spec.shared_experts is None:
             shared, routed = None, self._routed(xp, logits)  # [T, Hp]
         elif self._side is None:  # NO_OVERLAP: shared experts first
@@ -370,7 +377,7 @@ class MoERunner:
     # ---- routed experts ------------------------------------------------------------------------
 
     def _routed(self, xp: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
-        """xp [T, Hp], logits [T, E] fp32 -> [T, Hp], in chunks of at most max_chunk_tokens tokens that
+        """xp [T, Hx], logits [T, E] fp32 -> [T, Hp], in chunks of at most max_chunk_tokens tokens that
         reuse one set of staging buffers (fixed addresses for CUDA graphs)."""
         T, step = xp.shape[0], self.spec.max_chunk_tokens
         out = torch.empty(T, self.spec.kernel_hidden, dtype=self.dtype, device=self.device)
@@ -410,7 +417,7 @@ class MoERunner:
     def _routed_chunk(self, xp: torch.Tensor, logits: torch.Tensor, out: torch.Tensor) -> None:
         """The kernels of one chunk: routing, the dispatch (one kernel, or three over tiles of slots; none
         without the sort, where routing writes its buffers), experts_up, experts_down, combine:
-        xp [T, Hp], logits [T, E] fp32 -> out [T, Hp] (a view)."""
+        xp [T, Hx], logits [T, E] fp32 -> out [T, Hp] (a view)."""
         spec = self.spec
         T = xp.shape[0]
         if T == 0:  # an empty batch launches nothing

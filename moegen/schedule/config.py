@@ -1,6 +1,7 @@
 """Schedule configs as data: frozen dataclasses, read from schedules/*.yaml, checked by one predicate.
 
-Shape legend: T tokens, K top-k, Hp padded hidden, I intermediate per rank, N13 = 2I | I.
+Shape legend: T tokens, K top-k, Hp padded hidden, Hx the up GEMMs' reduction (x's columns), I intermediate
+per rank, N13 = 2I | I.
 """
 
 from __future__ import annotations
@@ -47,6 +48,9 @@ class ExpertsConfig:
     # GPU decode (block_m 1, split_k > 1): each thread loads 16 bytes of weight columns per k step,
     # (BN / vector) x split_k threads per block
     vector_loads: bool = False
+    # vector_loads: k steps a thread unrolls (its 16-byte loads in flight together; fitted down to a
+    # divisor of each GEMM's steps per thread). 1: one load in flight per thread, as before session 7
+    decode_unroll: int = 1
     # no sort (block_m 1, grid_blocks): slot s is block s, routing writes the dispatch buffers itself
     # (kernels/routing.py route_dispatch) and no dispatch kernel runs; blocks of another EP rank's
     # experts exit at once. Each slot streams its expert's weights: for paths with well under one row
@@ -130,11 +134,11 @@ def fit_pack(cfg: PackConfig, element_bytes: int, reduction: int, width: int) ->
     v = max(1, cfg.vector_bytes // element_bytes)
     while reduction % v or width % v:
         v //= 2
-    tk, tn = _fit(reduction, max(cfg.tile_k, v), v), _fit(width, max(cfg.tile_n, v), v)
+    tk, tn = fit_divisor(reduction, max(cfg.tile_k, v), v), fit_divisor(width, max(cfg.tile_n, v), v)
     while (tk // v) * (tn // v) > PACK_MAX_THREADS and tk > v:
-        tk = _fit(reduction, tk // 2, v)
+        tk = fit_divisor(reduction, tk // 2, v)
     while (tk // v) * (tn // v) > PACK_MAX_THREADS:
-        tn = _fit(width, tn // 2, v)
+        tn = fit_divisor(width, tn // 2, v)
     return PackTiles(v, tk, tn)
 
 
@@ -148,8 +152,8 @@ def config_ok(cfg: ExpertsConfig, shapes: ExpertShapes) -> str | None:
         return f"block_n_up {cfg.block_n_up} does not divide N13 {shapes.n13}"
     if shapes.hidden % cfg.block_n_down:
         return f"block_n_down {cfg.block_n_down} does not divide Hp {shapes.hidden}"
-    if shapes.hidden % cfg.split_k or shapes.intermediate % cfg.split_k:
-        return f"split_k {cfg.split_k} does not divide Hp {shapes.hidden} and I {shapes.intermediate}"
+    if shapes.hx % cfg.split_k or shapes.intermediate % cfg.split_k:
+        return f"split_k {cfg.split_k} does not divide Hx {shapes.hx} and I {shapes.intermediate}"
     if shapes.hidden % cfg.combine_n:
         return f"combine_n {cfg.combine_n} does not divide Hp {shapes.hidden}"
     if cfg.combine_vector < 1 or cfg.combine_n % cfg.combine_vector:
@@ -202,14 +206,14 @@ def _mma_ok(cfg: ExpertsConfig, shapes: ExpertShapes) -> str | None:
         if smem > most:
             return (f"mma: block_m {cfg.block_m} x {field} {n} needs {smem} bytes of shared memory "
                     f"(at most {most}{'' if cfg.dynamic_smem else ' static; dynamic_smem allows more'})")
-    for what, k in (("Hp", shapes.hidden), ("I", shapes.intermediate)):
+    for what, k in (("Hx", shapes.hx), ("I", shapes.intermediate)):
         if k % cfg.block_k:
             return f"mma: block_k {cfg.block_k} does not divide {what} {k}"
     return None
 
 
 WGMMA_SHARED_BYTES = 227 * 1024  # dynamic shared memory per thread block on sm_90
-WGMMA_REGISTERS = 65536  # 32-bit registers per multiprocessor (one wgmma block per multiprocessor at most)
+SM_REGISTERS = 65536  # 32-bit registers per multiprocessor (a wgmma or decode block may take them all)
 WGMMA_OTHER_REGISTERS = 40  # what a thread needs besides its accumulators (addresses, epilogue)
 
 
@@ -245,30 +249,38 @@ def _wgmma_ok(cfg: ExpertsConfig, shapes: ExpertShapes) -> str | None:
         if tile.smem_bytes > WGMMA_SHARED_BYTES:
             return (f"wgmma: {cfg.stages} stages of block_m {cfg.block_m} x {field} {n} x wgmma_span "
                     f"{cfg.wgmma_span} need {tile.smem_bytes} bytes of shared memory (at most {WGMMA_SHARED_BYTES})")
-        if tile.threads * (tile.mma_n // 2 + WGMMA_OTHER_REGISTERS) > WGMMA_REGISTERS:
+        if tile.threads * (tile.mma_n // 2 + WGMMA_OTHER_REGISTERS) > SM_REGISTERS:
             return (f"wgmma: {tile.threads} threads holding {tile.mma_n // 2} accumulators each (block_m "
-                    f"{cfg.block_m}, {field} {n} x wgmma_span {cfg.wgmma_span}) pass the {WGMMA_REGISTERS} registers "
+                    f"{cfg.block_m}, {field} {n} x wgmma_span {cfg.wgmma_span}) pass the {SM_REGISTERS} registers "
                     f"of a multiprocessor")
-    for what, k in (("Hp", shapes.hidden), ("I", shapes.intermediate)):
+    for what, k in (("Hx", shapes.hx), ("I", shapes.intermediate)):
         if k % BK:
             return f"wgmma: its reduction step {BK} does not divide {what} {k}"
     return None
 
 
 VECTOR_BYTES = 16  # one 128-bit load per thread
+DECODE_UNROLL_MAX = 16  # 16-byte loads in flight per decode thread (4 registers each)
+DECODE_OTHER_REGISTERS = 24  # what a decode thread needs besides its loads (8 sums, addresses; ptxas: 52 at unroll 8)
 
 
 def _vector_ok(cfg: ExpertsConfig, shapes: ExpertShapes) -> str | None:
     vec = VECTOR_BYTES // (4 if shapes.dtype == "float32" else 2)
     if cfg.block_m != 1 or cfg.split_k < 2:
         return f"vector_loads needs block_m 1 and split_k > 1, not block_m {cfg.block_m} split_k {cfg.split_k}"
+    if not 1 <= cfg.decode_unroll <= DECODE_UNROLL_MAX:
+        return f"vector_loads: decode_unroll {cfg.decode_unroll} must be 1 to {DECODE_UNROLL_MAX} k steps"
     for field, n in (("block_n_up", cfg.block_n_up), ("block_n_down", cfg.block_n_down)):
         if n % vec or (n // vec) * cfg.split_k > 1024:
             return f"vector_loads: {field} {n} must be a multiple of {vec}, with ({n} / {vec}) * split_k <= 1024 threads"
+        threads, regs = (n // vec) * cfg.split_k, cfg.decode_unroll * VECTOR_BYTES // 4 + DECODE_OTHER_REGISTERS
+        if threads * regs > SM_REGISTERS:
+            return (f"vector_loads: decode_unroll {cfg.decode_unroll} x 16 bytes in registers for each of {threads} threads "
+                    f"({field} {n}, split_k {cfg.split_k}) pass the {SM_REGISTERS} registers of a multiprocessor")
     return None
 
 
-def _fit(n: int, want: int, step: int = 1) -> int:
+def fit_divisor(n: int, want: int, step: int = 1) -> int:
     """Largest multiple of `step` <= want that divides n (at least `step`)."""
     for d in range(want - want % step, step - 1, -step):
         if n % d == 0:
@@ -279,7 +291,7 @@ def _fit(n: int, want: int, step: int = 1) -> int:
 def _fit_combine(cfg: ExpertsConfig, shapes: ExpertShapes) -> dict:
     """combine_n: a divisor of Hp; combine_vector: the largest power of two up to the asked one that
     divides it (a vector of whole 2-, 4-, 8- or 16-byte loads)."""
-    n = _fit(shapes.hidden, cfg.combine_n)
+    n = fit_divisor(shapes.hidden, cfg.combine_n)
     v = 1 << (max(cfg.combine_vector, 1).bit_length() - 1)
     while n % v:
         v //= 2
@@ -296,26 +308,26 @@ def fit_config(cfg: ExpertsConfig, shapes: ExpertShapes) -> ExpertsConfig:
     step = 2 if shapes.gated else 1
     fitted = dataclasses.replace(
         cfg,
-        block_n_up=_fit(shapes.n13, cfg.block_n_up, step) if shapes.gated else _fit(shapes.n13, cfg.block_n_up),
-        block_n_down=_fit(shapes.hidden, cfg.block_n_down),
+        block_n_up=fit_divisor(shapes.n13, cfg.block_n_up, step) if shapes.gated else fit_divisor(shapes.n13, cfg.block_n_up),
+        block_n_down=fit_divisor(shapes.hidden, cfg.block_n_down),
         **_fit_combine(cfg, shapes),
     )
     if fitted.vector_loads:
         # a parallelism knob there (up to 64): a divisor of both reductions that leaves every thread at
         # least two k steps (a unit loop would vanish from the schedule)
-        g = math.gcd(shapes.hidden, shapes.intermediate)
-        fitted = dataclasses.replace(fitted, split_k=_fit(g, max(1, min(cfg.split_k, g // 2))))
+        g = math.gcd(shapes.hx, shapes.intermediate)
+        fitted = dataclasses.replace(fitted, split_k=fit_divisor(g, max(1, min(cfg.split_k, g // 2))))
     if shapes.gated and (shapes.n13 // 2) % (fitted.block_n_up // 2):
-        fitted = dataclasses.replace(fitted, block_n_up=2 * _fit(shapes.intermediate, cfg.block_n_up // 2))
+        fitted = dataclasses.replace(fitted, block_n_up=2 * fit_divisor(shapes.intermediate, cfg.block_n_up // 2))
     if fitted.vector_loads and config_ok(fitted, shapes) is not None:
         fitted = dataclasses.replace(fitted, vector_loads=False)  # widths that do not split into vectors
     if fitted.mma:
         # the reduction step: a multiple of two fragments dividing both reductions (gpt-oss-20b's I 2880
         # takes no block_k 128: 96 keeps the tensor cores, where the fallback below measured 50 ms);
         # at least two fragments, as in every build verified on the H100 (block_k 16 never ran there)
-        g, step = math.gcd(shapes.hidden, shapes.intermediate), 2 * MMA_FRAG
+        g, step = math.gcd(shapes.hx, shapes.intermediate), 2 * MMA_FRAG
         if g % step == 0:
-            fitted = dataclasses.replace(fitted, block_k=_fit(g, max(cfg.block_k, step), step))
+            fitted = dataclasses.replace(fitted, block_k=fit_divisor(g, max(cfg.block_k, step), step))
     if fitted.mma and config_ok(fitted, shapes) is not None:
         # widths or dtype tensor cores cannot tile (irregular test sizes, fp32): CUDA-core arithmetic
         fitted = dataclasses.replace(fitted, mma=False, group_m=1)
@@ -329,9 +341,9 @@ def _fit_wgmma(cfg: ExpertsConfig, shapes: ExpertShapes) -> ExpertsConfig:
     tile's halves divide I; wgmma_span down to what both GEMMs' columns divide."""
     from ..kernels.experts_wgmma import ATOM_COLS
 
-    up = (2 * _fit(shapes.intermediate, cfg.block_n_up // 2, ATOM_COLS // 2) if shapes.gated
-          else _fit(shapes.n13, cfg.block_n_up, ATOM_COLS))
-    down = _fit(shapes.hidden, cfg.block_n_down, ATOM_COLS)
+    up = (2 * fit_divisor(shapes.intermediate, cfg.block_n_up // 2, ATOM_COLS // 2) if shapes.gated
+          else fit_divisor(shapes.n13, cfg.block_n_up, ATOM_COLS))
+    down = fit_divisor(shapes.hidden, cfg.block_n_down, ATOM_COLS)
     span = next(sp for sp in range(cfg.wgmma_span, 0, -1)  # packed tiles per block that still tile both GEMMs
                 if sp == 1 or (max(up, down) * sp <= 256 and shapes.n13 % (up * sp) == 0
                                and shapes.hidden % (down * sp) == 0))

@@ -22,7 +22,7 @@ from __future__ import annotations
 import tvm
 from tvm import s_tir
 
-from .config import ExpertsConfig, PackConfig
+from .config import ExpertsConfig, PackConfig, fit_divisor
 from .cpu import _schedule
 
 
@@ -392,6 +392,20 @@ def _split_k_vector_gemm(sch: s_tir.Schedule, name: str, cfg: ExpertsConfig, blo
     sch.vectorize(cv_)  # before decompose_reduction (shared/TVM-NOTES.md)
     init = sch.decompose_reduction(rf, rr_)
     sch.unroll(sch.get_loops(init)[-1])  # a vectorized fp32 x 8 zero does not compile (TVM's CUDA codegen)
+    steps = int(sch.get(rr_).extent)
+    unroll = fit_divisor(steps, cfg.decode_unroll)
+    if unroll > 1:
+        # `unroll` k steps per iteration, their weights first copied to registers: the 16-byte loads all
+        # issue before the first sum waits on one (ptxas, left to interleave them, keeps about two in flight)
+        ro, ri = sch.split(rr_, [steps // unroll, unroll])
+        weight = _loaded_buffer(sch.mod[name], ("w13", "w2")).name
+        for buf in (weight,):
+            cache = sch.cache_read(rf, _read_index(sch, rf, buf), "local")
+            sch.compute_at(cache, ro)
+            *_, ck, cv = sch.get_loops(cache)
+            sch.vectorize(cv)
+            sch.unroll(ck)
+        sch.unroll(ri)
     ty_n, tx_n = cfg.split_k, block_n // vec
     *cols, ry2 = sch.get_loops(g)[2:]  # (the row: one), the columns, the k ranges
     _, ty, tx = sch.split(sch.fuse(*cols), [None, ty_n, tx_n])  # threads past BN idle
