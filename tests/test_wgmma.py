@@ -5,7 +5,9 @@ checked on the H100 (scripts/gpu_check.py on scripts/specs/wgmma-*.yaml, `moegen
 
 from __future__ import annotations
 
+
 import dataclasses
+import re
 from pathlib import Path
 
 import pytest
@@ -54,10 +56,9 @@ def test_config_ok_names_the_wgmma_limits():
     big = ExpertsConfig(**dict(WG, block_m=192, wgmma_span=2, warp_specialized=True))
     assert "512 threads holding 128 accumulators each" in config_ok(big, relu2)
     assert config_ok(dataclasses.replace(big, block_m=128, stages=4), relu2) is None
-    # three warpgroups issue the copies of a 64 x 256 weight step: 2048 do not split over 384 threads
-    three = ExpertsConfig(**dict(WG, block_m=192, wgmma_span=2))
-    assert "2048 16-byte copies, block_n_up 128 x wgmma_span 2) does not split over the 384 threads" in \
-        config_ok(three, relu2)
+    # three warpgroups issue the copies of a 64 x 256 weight step: 2048 over 384 threads, 6 rounds, the
+    # last guarded (test_a_192_row_block_guards_its_last_round_of_weight_copies)
+    assert config_ok(ExpertsConfig(**dict(WG, block_m=192, wgmma_span=2, stages=3)), relu2) is None
 
 
 def test_fit_config_takes_the_span_both_gemms_divide():
@@ -164,8 +165,8 @@ def test_loader_refuses_sm90a_code_on_another_gpu(wgmma_artifact, tmp_path, monk
 
 @pytest.fixture(scope="module")
 def ws_artifact(tmp_path_factory):
-    """scripts/specs/ws/: gpt-oss structure (bf16, gated, biases) and relu2 fp16 with the span and the
-    warp-specialised paths of scripts/specs/ws/schedules.yaml (as `make gpu-bundle` builds them)."""
+    """scripts/specs/ws/: gpt-oss structure (bf16, gated, biases) and relu2 fp16 with the span, the
+    warp-specialised and the 192-row paths of scripts/specs/ws/schedules.yaml (as `make gpu-bundle` builds them)."""
     out = tmp_path_factory.mktemp("ws")
     return {n: build(load_spec(SCRIPT_SPECS / "ws" / f"{n}.yaml"), "cuda-sm90", out, golden=False,
                      schedules=SCRIPT_SPECS / "ws" / "schedules.yaml")
@@ -177,7 +178,7 @@ def test_span_and_warp_specialised_kernels(ws_artifact, name):
     root = ws_artifact[name]
     m = read_manifest(root)
     src = (root / "moe.cu").read_text()
-    assert [p["name"] for p in m["paths"]] == ["span", "ws", "ws_span"]
+    assert [p["name"] for p in m["paths"]] == ["span", "ws", "tall", "ws_span"]
     for path in m["paths"]:
         c = path["config"]
         ws = c["warp_specialized"]
@@ -189,6 +190,7 @@ def test_span_and_warp_specialised_kernels(ws_artifact, name):
             args = [a["name"] for a in m["functions"][fn]]
             if not ws:
                 assert "mbarrier" not in k and args[-1] == "out", fn
+                assert f"__launch_bounds__({c['block_m'] // 64 * 128}) {fn}_kernel(" in src, fn  # tall: 384
                 continue
             # the persistent grid: the GPU's multiprocessors, a scalar the runner passes last
             assert m["functions"][fn][-1] == {"name": "n_sm", "shape": [], "dtype": "int64"}, fn
@@ -199,6 +201,27 @@ def test_span_and_warp_specialised_kernels(ws_artifact, name):
                 assert piece in k, (fn, piece)
             # one block-wide barrier (after the mbarriers' init); the ring is paced by the mbarriers
             assert k.count("__syncthreads()") == 1 and "cp_async_wait" not in k, fn
+
+
+def test_a_192_row_block_guards_its_last_round_of_weight_copies(tmp_path):
+    """block_m 192 on the classic loop: 384 threads issue the 2048 16-byte weight copies of a 64 x 256
+    step, 6 rounds (5.33), the sixth only for threads whose chunk is below 2048; the A rows split evenly
+    (1536 = 4 x 384) and take no guard. 128-row blocks keep unguarded copies (2048 = 8 x 256)."""
+    relu2 = load_spec(SCRIPT_SPECS / "ws/wgmma-ws-relu2-small-fp16.yaml")
+    for bm, guarded in ((192, True), (128, False)):
+        cfg = dict(WG, block_m=bm, wgmma_span=2, stages=3, warp_m=64)
+        sched = tmp_path / f"s{bm}.yaml"
+        sched.write_text(yaml.safe_dump({"paths": [{"name": "w", "max_rows_per_expert": None, "experts": cfg}]}))
+        root = build(relu2, "cuda-sm90", tmp_path / str(bm), golden=False, schedules=sched)
+        path = read_manifest(root)["paths"][0]["config"]
+        assert path["wgmma"] and path["block_m"] == bm and path["wgmma_span"] == 2, path
+        src = (root / "moe.cu").read_text()
+        for fn in ("experts_up_w", "experts_down_w"):
+            k = _kernel(src, fn)
+            assert f"__launch_bounds__({bm // 64 * 128}) {fn}_kernel(" in src, fn
+            # the sixth round: chunk 5 * 384 + t < 2048, so threads below 128
+            last = re.search(r"if \(\(\(int\)threadIdx\.x\) < 128\) \{\s*tvm_builtin_ptx_cp_async", k)
+            assert (last is not None) == guarded, fn
 
 
 def test_a_padded_up_gemm_ends_its_reduction_at_the_routed_width(tmp_path):

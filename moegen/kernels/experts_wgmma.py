@@ -132,7 +132,7 @@ class _Gemm:
         t, s = self.tile, self.s
         assert t.block_m % WG_ROWS == 0 and t.block_n % ATOM_COLS == 0 and t.mma_n <= 256 and t.stages >= 3, t
         assert self.ka % BK == 0 and (self.nt_packed % t.span == 0), (self.ka, self.nt_packed, t)
-        assert (t.block_m * ROW_CHUNKS) % self.loaders == 0 and (BK * t.mma_n // CHUNK) % self.loaders == 0
+        assert (t.block_m * ROW_CHUNKS) % self.loaders == 0  # (B's chunks may split unevenly: b_per)
         assert not s.weight_on_input, "the routing weight on the input is applied by the mma.sync kernels only"
 
     kd = property(lambda g: g.s.hidden if g.up else g.s.intermediate)  # the weights' rows
@@ -146,7 +146,10 @@ class _Gemm:
     nk = property(lambda g: g.ka // BK)  # k steps
     loaders = property(lambda g: g.tile.loaders)
     a_per = property(lambda g: g.tile.block_m * ROW_CHUNKS // g.loaders)  # A chunks per loader per step
-    b_per = property(lambda g: BK * (g.tile.mma_n // CHUNK) // g.loaders)  # B chunks per loader per step
+    b_chunks = property(lambda g: BK * (g.tile.mma_n // CHUNK))  # B's 16-byte chunks per step
+    # ... per loader (rounded up: 384 loaders of a 192-row block share 2048 chunks, the last round guarded)
+    b_per = property(lambda g: -(-g.b_chunks // g.loaders))
+    b_even = property(lambda g: g.b_chunks % g.loaders == 0)
     acc = property(lambda g: g.tile.mma_n // 2)  # fp32 accumulators per consumer thread
     apt = property(lambda g: g.tile.block_n // 2)  # ... of them per packed tile
     half = property(lambda g: g.tile.block_n // 2 if g.gated else g.tile.block_n)  # outputs per packed tile
@@ -390,6 +393,22 @@ def _epilogue(g, acc, out, bias, topk_weights, tw, sorted_ids, blk, e, nt, ct, n
 
 
 @T.macro
+def _b_copy(g, i, k, stage, base, w, e, nt, lt):
+    """B chunk i * loaders + lt of reduction step k into ring buffer `stage`."""
+    T.ptx.cp.async_.cg.shared.global_(
+        base + T.Cast("uint32", stage * g.tile.stage_bytes + g.tile.block_m * ROW_BYTES
+                      + (i * g.loaders + lt) % (g.tile.mma_n // CHUNK) // ROW_CHUNKS * (BK * ROW_BYTES)
+                      + (i * g.loaders + lt) // (g.tile.mma_n // CHUNK) * ROW_BYTES
+                      + T.bitwise_xor((i * g.loaders + lt) % (g.tile.mma_n // CHUNK) % ROW_CHUNKS,
+                                      (i * g.loaders + lt) // (g.tile.mma_n // CHUNK) % SWIZZLE_ROWS)
+                      * CHUNK_BYTES),
+        T.address_of(w[e, nt * g.tile.span + (i * g.loaders + lt) % (g.tile.mma_n // CHUNK) // (g.tile.block_n // CHUNK),
+                       T.Cast("int64", k) * BK + (i * g.loaders + lt) // (g.tile.mma_n // CHUNK),
+                       (i * g.loaders + lt) % (g.tile.mma_n // CHUNK) % (g.tile.block_n // CHUNK) * CHUNK]),
+        CHUNK_BYTES)
+
+
+@T.macro
 def _load_step(g, k, stage, base, a, w, e, nt, arow, lt):
     """cp.async of reduction step k into ring buffer `stage`: loader lt's A and B chunks. B chunk c of a
     row (c < BN / 8) comes from packed tile nt * span + c / (block_n / 8)."""
@@ -401,17 +420,10 @@ def _load_step(g, k, stage, base, a, w, e, nt, arow, lt):
             T.address_of(a[arow[i], T.Cast("int64", k) * BK + (i * g.loaders + lt) % ROW_CHUNKS * CHUNK]),
             CHUNK_BYTES)
     for i in T.unroll(g.b_per):
-        T.ptx.cp.async_.cg.shared.global_(
-            base + T.Cast("uint32", stage * g.tile.stage_bytes + g.tile.block_m * ROW_BYTES
-                          + (i * g.loaders + lt) % (g.tile.mma_n // CHUNK) // ROW_CHUNKS * (BK * ROW_BYTES)
-                          + (i * g.loaders + lt) // (g.tile.mma_n // CHUNK) * ROW_BYTES
-                          + T.bitwise_xor((i * g.loaders + lt) % (g.tile.mma_n // CHUNK) % ROW_CHUNKS,
-                                          (i * g.loaders + lt) // (g.tile.mma_n // CHUNK) % SWIZZLE_ROWS)
-                          * CHUNK_BYTES),
-            T.address_of(w[e, nt * g.tile.span + (i * g.loaders + lt) % (g.tile.mma_n // CHUNK) // (g.tile.block_n // CHUNK),
-                           T.Cast("int64", k) * BK + (i * g.loaders + lt) // (g.tile.mma_n // CHUNK),
-                           (i * g.loaders + lt) % (g.tile.mma_n // CHUNK) % (g.tile.block_n // CHUNK) * CHUNK]),
-            CHUNK_BYTES)
+        if g.b_even:
+            _b_copy(g, i, k, stage, base, w, e, nt, lt)
+        elif i * g.loaders + lt < g.b_chunks:
+            _b_copy(g, i, k, stage, base, w, e, nt, lt)
 
 
 def experts_up_wgmma_func(s: ExpertShapes, tile: WgmmaTile):

@@ -242,10 +242,6 @@ def _wgmma_ok(cfg: ExpertsConfig, shapes: ExpertShapes) -> str | None:
         if cols % (n * cfg.wgmma_span):
             return f"wgmma: {field} {n} x wgmma_span {cfg.wgmma_span} does not divide the {cols} columns"
         tile = WgmmaTile(cfg.block_m, n, cfg.stages, span=cfg.wgmma_span, producer=cfg.warp_specialized)
-        if (BK * tile.mma_n // CHUNK) % tile.loaders:
-            return (f"wgmma: the {BK} x {tile.mma_n} weight step ({BK * tile.mma_n // CHUNK} 16-byte copies, {field} "
-                    f"{n} x wgmma_span {cfg.wgmma_span}) does not split over the {tile.loaders} threads of block_m "
-                    f"{cfg.block_m}")
         if tile.smem_bytes > WGMMA_SHARED_BYTES:
             return (f"wgmma: {cfg.stages} stages of block_m {cfg.block_m} x {field} {n} x wgmma_span "
                     f"{cfg.wgmma_span} need {tile.smem_bytes} bytes of shared memory (at most {WGMMA_SHARED_BYTES})")
