@@ -189,9 +189,16 @@ def test_span_and_warp_specialised_kernels(ws_artifact, name):
             assert f"m64n{128 * c['wgmma_span']}k16" in k, fn  # ... the MMA spans wgmma_span of its tiles
             args = [a["name"] for a in m["functions"][fn]]
             if not ws:
+                # several warpgroups: each skips its MMAs and its epilogue when its first row is padding,
+                # the flag read once per tile (one warpgroup: always set; warp-specialised: no flag)
+                flag = [ln for ln in k.split("\n") if "live_ptr[0] = " in ln]
+                assert len(flag) == 1 and k.count("if (live_ptr[0] != 0)") == 2, fn
+                assert (">> (int64_t)7) * (int64_t)64)" in flag[0]) == (c["block_m"] > 64), (fn, flag)
+                assert flag[0].strip() == "live_ptr[0] = 1;" or c["block_m"] > 64, (fn, flag)
                 assert "mbarrier" not in k and args[-1] == "out", fn
                 assert f"__launch_bounds__({c['block_m'] // 64 * 128}) {fn}_kernel(" in src, fn  # tall: 384
                 continue
+            assert "live_ptr" not in k, fn
             # the persistent grid: the GPU's multiprocessors, a scalar the runner passes last
             assert m["functions"][fn][-1] == {"name": "n_sm", "shape": [], "dtype": "int64"}, fn
             threads = c["block_m"] // 64 * 128 + 128  # consumer warpgroups and the producer
