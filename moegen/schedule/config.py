@@ -218,7 +218,7 @@ WGMMA_OTHER_REGISTERS = 40  # what a thread needs besides its accumulators (addr
 
 
 def _wgmma_ok(cfg: ExpertsConfig, shapes: ExpertShapes) -> str | None:
-    from ..kernels.experts_wgmma import ATOM_COLS, BK, CHUNK, WG_ROWS, WgmmaTile
+    from ..kernels.experts_wgmma import ATOM_COLS, BK, WG_ROWS, WgmmaTile
 
     if shapes.dtype not in ("float16", "bfloat16"):
         return f"wgmma needs float16 or bfloat16 weights, not {shapes.dtype}"

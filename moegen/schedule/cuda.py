@@ -399,12 +399,11 @@ def _split_k_vector_gemm(sch: s_tir.Schedule, name: str, cfg: ExpertsConfig, blo
         # issue before the first sum waits on one (ptxas, left to interleave them, keeps about two in flight)
         ro, ri = sch.split(rr_, [steps // unroll, unroll])
         weight = _loaded_buffer(sch.mod[name], ("w13", "w2")).name
-        for buf in (weight,):
-            cache = sch.cache_read(rf, _read_index(sch, rf, buf), "local")
-            sch.compute_at(cache, ro)
-            *_, ck, cv = sch.get_loops(cache)
-            sch.vectorize(cv)
-            sch.unroll(ck)
+        cache = sch.cache_read(rf, _read_index(sch, rf, weight), "local")
+        sch.compute_at(cache, ro)
+        *_, ck, cv = sch.get_loops(cache)
+        sch.vectorize(cv)
+        sch.unroll(ck)
         sch.unroll(ri)
     ty_n, tx_n = cfg.split_k, block_n // vec
     *cols, ry2 = sch.get_loops(g)[2:]  # (the row: one), the columns, the k ranges
