@@ -196,14 +196,68 @@ def widen_copy_offsets(source: str) -> str:
     return _COPY_HELPER.sub(r"\1long long\2long long\3", source)
 
 
+# Programmatic dependent launch (Hopper, PTX griddepcontrol): a kernel of a forward may be launched
+# while the one before it on the stream still runs, and waits on the device instead of in the launch
+# queue. TVM 0.27's cuda_host codegen refuses its launch flag ("cuda_host does not support launch flag:
+# tirx.use_programtic_dependent_launch"), so the build adds it to the translation unit:
+#   1. every kernel's first statement waits for the grid before it on the stream to finish and its
+#      memory to be visible (griddepcontrol.wait; a no-op after a launch without the flag). Before the
+#      wait a kernel touches no memory, and each kernel waits on the one before, so the chain is ordered
+#      as without the flag;
+#   2. the launch helper sets cudaLaunchAttributeProgrammaticStreamSerialization on every launch (CUDA
+#      graph capture keeps it as a programmatic edge): the next grid's launch is prepared while this one
+#      runs and starts as it finishes;
+#   3. the decode path's kernels (early_trigger) also let the next grid launch right after their wait
+#      (griddepcontrol.launch_dependents), so its blocks are resident and waiting when this one ends.
+#      Measured on the H100 (docs/perf.md, session 8): at one token that saves 1-2 us a layer, while the
+#      same early trigger on the sorted paths' kernels lost 4-9% (gpt-oss-20b at 16 tokens, the
+#      warp-specialised layers at 4096), and wait-only (1, 2) never lost.
+_KERNEL_ENTRY = re.compile(r'^(extern "C" __global__ void (?:__launch_bounds__\(\d+\) )?(\w+?)_kernel(?:_\d+)?\([^;{]*\) \{)$',
+                           re.M)
+_PDL_WAIT = '\n  asm volatile("griddepcontrol.wait;" ::: "memory");  // moegen: programmatic dependent launch'
+_PDL_TRIGGER = '\n  asm volatile("griddepcontrol.launch_dependents;" ::: "memory");'
+_LAUNCH_HELPER = "  return cudaLaunchKernelEx(config, kernel, ((Params)args)...);\n"
+_PDL_LAUNCH = """  // moegen: programmatic dependent launch (build.add_programmatic_launch)
+  cudaLaunchAttribute attrs[8];
+  cudaLaunchConfig_t pdl = *config;
+  if (pdl.numAttrs >= 8) return cudaErrorInvalidValue;
+  for (unsigned i = 0; i < pdl.numAttrs; ++i) attrs[i] = pdl.attrs[i];
+  attrs[pdl.numAttrs].id = cudaLaunchAttributeProgrammaticStreamSerialization;
+  attrs[pdl.numAttrs].val.programmaticStreamSerializationAllowed = 1;
+  pdl.attrs = attrs;
+  pdl.numAttrs += 1;
+  return cudaLaunchKernelEx(&pdl, kernel, ((Params)args)...);
+"""
+
+
+def add_programmatic_launch(source: str, early: frozenset[str] = frozenset()) -> str:
+    """CUDA source whose kernels launch with programmatic dependent launch (see _KERNEL_ENTRY); the
+    functions named in `early` also trigger the next launch at entry. Raises when TVM's generated source
+    no longer has the launch helper or the kernel entries this rewrites."""
+    kernels = len(re.findall(r'^extern "C" __global__ void [^;]*\{$', source, re.M))
+    patched, n = _KERNEL_ENTRY.subn(
+        lambda m: m.group(1) + _PDL_WAIT + (_PDL_TRIGGER if m.group(2) in early else ""), source)
+    if n == 0 or n != kernels or source.count(_LAUNCH_HELPER) != 1:
+        raise RuntimeError(f"programmatic launch: TVM's CUDA source changed shape ({n} of {kernels} kernel "
+                           f"entries, {source.count(_LAUNCH_HELPER)} launch helpers); see build._KERNEL_ENTRY")
+    return patched.replace(_LAUNCH_HELPER, _PDL_LAUNCH)
+
+
+def early_trigger(paths: list[dict]) -> frozenset[str]:
+    """The functions that let the next grid launch at their entry: the decode paths' (vector_loads)."""
+    return frozenset(f"{fn}_{p['name']}" for p in paths if p["config"].get("vector_loads")
+                     for fn in ("route_dispatch", "experts_up", "experts_down", "combine"))
+
+
 def uses_arch_specific(paths: list[dict]) -> bool:
     """Whether any path's kernels need the architecture-specific target (wgmma: sm_90a)."""
     return any(p["config"].get("wgmma") for p in paths)
 
 
-def export_library(ex, target: TargetInfo, out: Path, arch_specific: bool = False) -> dict:
+def export_library(ex, target: TargetInfo, out: Path, arch_specific: bool = False,
+                   early: frozenset[str] = frozenset()) -> dict:
     """Write out/moe.so (and, for CUDA, the moe.cu it was compiled from); returns how it was compiled.
-    arch_specific: see _nvcc_flags."""
+    arch_specific: see _nvcc_flags; early: see add_programmatic_launch."""
     if target.family == "cpu":
         ex.export_library(str(out / "moe.so"))
         return {"compiler": "llvm (tvm)"}
@@ -212,7 +266,10 @@ def export_library(ex, target: TargetInfo, out: Path, arch_specific: bool = Fals
     import tvm_ffi
     from tvm.backend.cuda import export_cuda_host
 
-    (out / "moe.cu").write_text(widen_copy_offsets(export_cuda_host(ex.mod)))
+    source = widen_copy_offsets(export_cuda_host(ex.mod))
+    if target.extra.get("programmatic_launch"):
+        source = add_programmatic_launch(source, early)
+    (out / "moe.cu").write_text(source)
     ffi = Path(tvm_ffi.__file__).parent
     flags = _nvcc_flags(target, arch_specific)
     cmd = ["nvcc", *flags, "-I", str(ffi / "include"), "-o", str(out / "moe.so"), str(out / "moe.cu"),
@@ -335,7 +392,7 @@ def build(spec: MoESpec, target_name: str, out_root: Path, *, golden: bool = Tru
         ex = compile_module(mod, target)
         progress("[3/5] exporting the shared library" + (" (nvcc)" if target.family == "cuda" else ""))
         arch_specific = uses_arch_specific(paths)
-        compiled = export_library(ex, target, tmp, arch_specific)
+        compiled = export_library(ex, target, tmp, arch_specific, early_trigger(paths))
         runtime_libs = []
         for lib in _runtime_libs(target):
             shutil.copy2(lib, tmp / lib.name)

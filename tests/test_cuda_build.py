@@ -372,3 +372,35 @@ def test_combine_sums_vectors_of_adjacent_columns(artifact):
     assert "combine_vector 48 does not divide combine_n 64" in config_ok(cfg, shapes)
     fitted = fit_config(cfg, shapes)  # the largest power of two up to 48 that divides combine_n
     assert (fitted.combine_n, fitted.combine_vector) == (64, 32) and config_ok(fitted, shapes) is None
+
+
+@pytest.mark.parametrize("target", ["cuda-sm90", "cuda-sm80"])
+def test_kernels_launch_programmatically_on_hopper_only(target, artifact):
+    """cuda-sm90 (programmatic_launch): every kernel's first statement waits for the grid before it, the
+    decode path's kernels then let the next one launch (and no other kernel does), and the launch helper
+    sets the programmatic-serialization attribute on every launch. sm_80 has no griddepcontrol: its
+    source has neither."""
+    from moegen.build import early_trigger
+
+    root = artifact("tiny", target)
+    src = (root / "moe.cu").read_text()
+    entries = re.findall(r'^extern "C" __global__ void (?:__launch_bounds__\(\d+\) )?(\w+)_kernel\([^;]*\{\n(.*)\n(.*)$',
+                         src, re.M)
+    assert len(entries) >= 8  # routing, the dispatches, the GEMMs, combine of several paths
+    early = early_trigger(read_manifest(root)["paths"])
+    if hopper := target == "cuda-sm90":  # the shipped t1 path is the vector decode
+        assert {"route_dispatch_t1", "experts_up_t1", "experts_down_t1", "combine_t1"} <= early
+    for name, first, second in entries:
+        assert ("griddepcontrol.wait;" in first) == hopper, name
+        assert ("griddepcontrol.launch_dependents;" in second) == (hopper and name in early), name
+    assert not hopper or early <= {name for name, _, _ in entries}  # the decode path's kernels are there
+    assert src.count("programmaticStreamSerializationAllowed = 1") == (1 if hopper else 0)
+    assert "griddepcontrol" not in src or hopper
+
+
+def test_programmatic_launch_refuses_a_changed_source():
+    """The rewrite names TVM's source shape it relies on, instead of shipping kernels without the wait."""
+    from moegen.build import add_programmatic_launch
+
+    with pytest.raises(RuntimeError, match="TVM's CUDA source changed shape"):
+        add_programmatic_launch('extern "C" __global__ void k(float* a) {\n  a[0] = 1;\n}\n')
