@@ -6,7 +6,8 @@
   2. a CUDA-graph replay equals eager on new inputs; load + first forward time;
   3. graph-replay timings of the Qwen3-30B-A3B layer (the full comparison is `moegen bench`).
 MOEGEN_GPU_ARTIFACTS (default gpu-bundle/artifacts) names the artifacts; MOEGEN_GPU_ONLY a comma list
-of artifact names to restrict step 1.
+of artifact names to restrict step 1; MOEGEN_GPU_TARGET (default cuda-sm90) the target directory of each
+(cuda-sm80 artifacts run on a Hopper GPU through their embedded compute_80 PTX).
 """
 import json, math, os, time
 from pathlib import Path
@@ -22,6 +23,7 @@ from moegen.verify import rel_error, verify_artifact
 
 ART = Path(os.environ.get("MOEGEN_GPU_ARTIFACTS", "gpu-bundle/artifacts"))
 ONLY = [s for s in os.environ.get("MOEGEN_GPU_ONLY", "").split(",") if s]
+TARGET = os.environ.get("MOEGEN_GPU_TARGET", "cuda-sm90")
 TOKENS = [0, 1, 7, 64, 129, 1000, 4096]
 MULTI_RANK = ("tp2", "ep2")  # scripts/nccl_check.py
 REAL_BYTES = 2 << 30  # layers with more weight bytes than this verify with weights drawn on the GPU
@@ -130,7 +132,7 @@ def verify_on_gpu(root: Path, spec, tokens) -> bool:
 
 
 results = {}
-for root in sorted(ART.glob("*/cuda-sm90")):
+for root in sorted(ART.glob(f"*/{TARGET}")):
     name = root.parent.name
     if any(t in name for t in MULTI_RANK) or name.startswith("hf-") or (ONLY and name not in ONLY):
         continue
@@ -186,7 +188,7 @@ def check_dispatch(root: Path) -> bool:
     return ok
 
 
-for root in sorted(ART.glob("*/cuda-sm90")):
+for root in sorted(ART.glob(f"*/{TARGET}")):
     manifest = read_manifest(root)
     spec = spec_from_dict(manifest["spec"])
     if any(p["config"].get("dispatch_tile") for p in manifest["paths"]) and weight_bytes(spec) <= REAL_BYTES \
@@ -194,7 +196,7 @@ for root in sorted(ART.glob("*/cuda-sm90")):
         results[f"{root.parent.name} (dispatch kernels)"] = check_dispatch(root)
 
 # CUDA graph capture: replay equals eager; load + first forward (on the first small artifact there is)
-root = next((r for r in (ART / n / "cuda-sm90" for n in ("deepseek-v3-small", "tiny")) if r.exists()), None)
+root = next((r for r in (ART / n / TARGET for n in ("deepseek-v3-small", "tiny")) if r.exists()), None)
 if root is None:
     print(json.dumps(results))
     raise SystemExit(0 if all(results.values()) else 1)
@@ -218,7 +220,7 @@ print("cuda graph replay == eager on new inputs:", all(torch.equal(a, b) for a, 
 
 # EP without NCCL: every rank of an EP artifact on this one GPU (reduce_results=False), summed, against
 # the single-rank reference; the decode path (no sort) skips the blocks of other ranks' experts there
-for root in sorted(ART.glob("*ep2*/cuda-sm90")):
+for root in sorted(ART.glob(f"*ep2*/{TARGET}")):
     spec = spec_from_dict(read_manifest(root)["spec"])
     w = random_weights(spec, 5, device="cuda")
     ranks = [MoERunner.load(root, w, device="cuda", ep_rank=e, tp_rank=0, reduce_results=False)
@@ -243,7 +245,7 @@ for root in sorted(ART.glob("*ep2*/cuda-sm90")):
 
 # graph-replay timings, Qwen3-30B-A3B (bf16 and fp16)
 for nm in ("qwen3-30b-a3b", "qwen3-30b-a3b-fp16"):
-    root = ART / nm / "cuda-sm90"
+    root = ART / nm / TARGET
     if not root.exists():
         continue
     spec = spec_from_dict(read_manifest(root)["spec"])
