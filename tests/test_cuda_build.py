@@ -404,3 +404,51 @@ def test_programmatic_launch_refuses_a_changed_source():
 
     with pytest.raises(RuntimeError, match="TVM's CUDA source changed shape"):
         add_programmatic_launch('extern "C" __global__ void k(float* a) {\n  a[0] = 1;\n}\n')
+
+
+def test_split_n_gives_each_block_part_of_a_packed_tile(tmp_path):
+    """split_n_up 2 / split_n_down 4 on 64-column tiles: the up kernel's blocks take 32 columns (16 gate
+    + 16 up: 4 vectors x split_k 8 = 32 threads), the down kernel's 16 (2 x 8 = 16 threads); the weights
+    keep their packed shape, and the 16-byte loads index a block's columns inside its packed tile."""
+    import yaml
+
+    from moegen.build import build
+    from moegen.spec import parse_spec
+
+    spec = parse_spec({"name": "split", "dtype": "bfloat16", "hidden_size": 256, "intermediate_size": 96,
+                       "num_experts": 8, "top_k": 2})
+    cfg = {"block_m": 1, "block_n_up": 64, "block_n_down": 64, "combine_n": 128, "gather_rows": False,
+           "grid_blocks": True, "split_k": 8, "vector_loads": True, "sort": False, "dispatch_threads": 256,
+           "y_model_dtype": True, "decode_unroll": 4, "split_n_up": 2, "split_n_down": 4}
+    sched = tmp_path / "s.yaml"
+    sched.write_text(yaml.safe_dump({"paths": [{"name": "d", "max_rows_per_expert": None, "experts": cfg}]}))
+    root = build(spec, "cuda-sm90", tmp_path, golden=False, schedules=sched)
+    src = (root / "moe.cu").read_text()
+    assert "__launch_bounds__(32) experts_up_d_kernel(" in src
+    assert "__launch_bounds__(16) experts_down_d_kernel(" in src
+    # block x of the up kernel: packed tile x >> 1, half (x & 1) of each of its gate and up columns
+    up = _kernel(src, "experts_up_d")
+    assert "(((int64_t)blockIdx.x) >> (int64_t)1) * (int64_t)16384)" in up  # 256 rows x 64 columns per tile
+    assert "(((int64_t)blockIdx.x) & (int64_t)1) * (int64_t)16)" in up
+    down = _kernel(src, "experts_down_d")
+    assert "(((int64_t)blockIdx.x) >> (int64_t)2) * (int64_t)6144)" in down  # 96 rows x 64 columns
+    assert "(((int64_t)blockIdx.x) & (int64_t)3) * (int64_t)16)" in down
+    m = read_manifest(root)
+    assert m["functions"]["experts_up_d"][5]["shape"] == ["8", "3", "256", "64"]  # [El, NT13, Hp, BN]: packed
+
+
+def test_split_n_limits():
+    """config_ok: the column split leaves whole 16-byte vectors per block (per half of a gated up tile)
+    and belongs to the vector decode only; fit_config shrinks it to a divisor."""
+    from moegen.kernels.experts import ExpertShapes
+    from moegen.schedule.config import ExpertsConfig, config_ok, fit_config
+
+    sh = ExpertShapes("bfloat16", 32, 4, 3072, 2880, "swigluoai", 1.702, 7.0, True, False)
+    dec = dict(block_m=1, block_n_up=192, block_n_down=256, combine_n=128, grid_blocks=True, sort=False,
+               vector_loads=True, split_k=32)
+    assert config_ok(ExpertsConfig(**dec, split_n_up=2, split_n_down=4), sh) is None
+    assert "gate and up halves" in config_ok(ExpertsConfig(**dec, split_n_up=8), sh)  # 12 columns a half
+    assert "split_n_down 64" in config_ok(ExpertsConfig(**dec, split_n_down=64), sh)  # 4 columns a block
+    assert "need vector_loads" in config_ok(ExpertsConfig(**{**dec, "vector_loads": False}, split_n_down=2), sh)
+    fitted = fit_config(ExpertsConfig(**dec, split_n_up=5, split_n_down=3), sh)
+    assert (fitted.split_n_up, fitted.split_n_down) == (4, 2) and fitted.vector_loads
