@@ -136,11 +136,11 @@ def scheduled_module(spec: MoESpec, target: TargetInfo, schedule: dict | None = 
         else:
             funcs[f"experts_up_{name}"] = rule.experts_up(
                 ke.experts_up_func(shapes, bm, cfg.block_n_up, cfg.gather_rows, cfg.grid_blocks, cfg.mma,
-                                   cfg.vector_loads, not cfg.sort, cfg.split_n_up),
+                                   cfg.vector_loads, not cfg.sort),
                 f"experts_up_{name}", cfg)
             funcs[f"experts_down_{name}"] = rule.experts_down(
                 ke.experts_down_func(shapes, bm, cfg.block_n_down, cfg.grid_blocks, cfg.mma, cfg.vector_loads,
-                                     not cfg.sort, y_dtype, cfg.split_n_down),
+                                     not cfg.sort, y_dtype),
                 f"experts_down_{name}", cfg)
         funcs[f"combine_{name}"] = rule.combine(ke.combine_func(shapes, bm, not cfg.sort, y_dtype), f"combine_{name}",
                                                 cfg)

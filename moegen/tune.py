@@ -568,8 +568,7 @@ def _table(results: dict, tokens: list[int], winners: list[str], order: list[str
     varying = [k for k in configs[0] if len({json.dumps(c.get(k)) for c in configs}) > 1]
     abbrev = {"block_m": "bm", "block_n_up": "bnu", "block_n_down": "bnd", "combine_n": "cn", "split_k": "sk",
               "gather_rows": "gr", "grid_blocks": "gb", "dispatch_threads": "dt", "dispatch_tile": "dtile",
-              "group_m": "gm", "dynamic_smem": "dyn", "vector_loads": "vec", "y_model_dtype": "ybf",
-              "split_n_up": "snu", "split_n_down": "snd"}
+              "group_m": "gm", "dynamic_smem": "dyn", "vector_loads": "vec", "y_model_dtype": "ybf"}
     desc = {c: " ".join(f"{abbrev.get(k, k)}={results[c]['config'][k]}" for k in varying) for c in order}
     w = max([len(d) for d in desc.values()] + [6])
     echo(f"{'candidate':<10}  {'config':<{w}}  " + "".join(f"{'T=' + str(t):>11}" for t in tokens))

@@ -95,29 +95,9 @@ def _extent(n: int, wide: bool):
     return IntImm("int64", n) if wide else n
 
 
-def _packed_tile(split_n: int, bn: int, gated: bool):
-    """(tile, column) of the packed weights for column vc of kernel tile vt, where each packed tile of BNp
-    columns is split_n kernel tiles of BN = BNp / split_n (split_n thread blocks share a packed tile; the
-    decode's parallelism at one token). Kernel tile j of packed tile t takes columns [j*BN, (j+1)*BN), or,
-    gated, gate columns [j*BN/2, (j+1)*BN/2) and the up columns BNp/2 past them, so its outputs are the
-    columns an unsplit tile of BN would have (act column vt*BN/2 + c, y column vt*BN + c)."""
-    def tile(vt):
-        return vt if split_n == 1 else vt // split_n
-
-    def col(vt, vc):
-        if split_n == 1:
-            return vc
-        if not gated:
-            return vt % split_n * bn + vc
-        half = bn // 2
-        return vc // half * (split_n * half) + vt % split_n * half + vc % half
-
-    return tile, col
-
-
 def experts_up_func(s: ExpertShapes, block_m: int, block_n: int, gather_rows: bool = True,
                     grid_blocks: bool = False, stage_operands: bool = False, int64_loops: bool = False,
-                    unsorted: bool = False, split_n: int = 1):
+                    unsorted: bool = False):
     """PrimFunc `experts_up(x [T, Hp], topk_weights [T, K] f32, sorted_ids [MP] i32, block_expert [MB] i32,
     num_blocks [1] i32, w13p [El, NT13, Hp, BN], b13p [El, NT13, BN], act [MP, I])`.
 
@@ -134,17 +114,13 @@ def experts_up_func(s: ExpertShapes, block_m: int, block_n: int, gather_rows: bo
     fp32 sums per tile (gu[t, row, c]): TVM's region analysis cannot see through int32 -> int64 casts or
     solve one index for two loop variables, and compute_at / rfactor need it.
     unsorted (one row per block): the dispatch of a path without the sort, where a block below
-    num_blocks can belong to another EP rank (block_expert -1): see _expert.
-    split_n: kernel tiles of block_n / split_n columns per packed tile of block_n (_packed_tile); the
-    weights keep their packed shape. Not with stage_operands (tensor cores take whole tiles)."""
-    assert split_n == 1 or not stage_operands, "split_n: the CUDA-core kernels only"
+    num_blocks can belong to another EP rank (block_expert -1): see _expert."""
     u_dt, u_El, u_K, u_H, u_I = s.dtype, s.local_experts, s.top_k, s.hidden, s.intermediate
     u_HX = s.hx  # x's columns, the reduction (w13 keeps its Hp rows per tile)
-    u_BM, u_BN, u_BNP = block_m, block_n // split_n, block_n  # kernel tile, packed tile
+    u_BM, u_BN = block_m, block_n
     u_gated, u_woi, u_bias = s.gated, s.weight_on_input, s.expert_bias
     u_half = u_BN // 2 if u_gated else u_BN  # output columns per tile
-    u_NT, u_NTP = s.n13 // u_BN, s.n13 // u_BNP
-    u_wt, u_wc = _packed_tile(split_n, u_BN, u_gated)
+    u_NT = s.n13 // u_BN
     u_act, u_alpha, u_limit = s.activation, s.swiglu_alpha, s.swiglu_limit
     u_gather = gather_rows or stage_operands
     u_one_row = block_m == 1  # row b of the sorted order, without a unit-loop term region analysis trips on
@@ -158,10 +134,9 @@ def experts_up_func(s: ExpertShapes, block_m: int, block_n: int, gather_rows: bo
     u_copy_rows = stage_operands and not u_woi  # a plain row copy (asynchronous copies need one)
     # extents and shapes: int64 like the symbolic token count when staged (TVM's region analysis cannot see
     # through int32 -> int64 casts in the indices, and compute_at needs it)
-    u_NT, u_BM, u_BN, u_H, u_HX, u_I, u_half, u_El, u_K, u_xs_nt, u_acc_nt, u_acc_w, u_acc_stride, u_NTP, u_BNP = (
+    u_NT, u_BM, u_BN, u_H, u_HX, u_I, u_half, u_El, u_K, u_xs_nt, u_acc_nt, u_acc_w, u_acc_stride = (
         _extent(n, stage_operands or int64_loops)
-        for n in (u_NT, u_BM, u_BN, u_H, u_HX, u_I, u_half, u_El, u_K, u_xs_nt, u_acc_nt, u_acc_w, u_acc_stride,
-                  u_NTP, u_BNP))
+        for n in (u_NT, u_BM, u_BN, u_H, u_HX, u_I, u_half, u_El, u_K, u_xs_nt, u_acc_nt, u_acc_w, u_acc_stride))
     tok = token_var()
     n_slots = tok * u_K
     n_blocks = _max_blocks(n_slots, u_BM, u_El, unsorted)
@@ -175,8 +150,8 @@ def experts_up_func(s: ExpertShapes, block_m: int, block_n: int, gather_rows: bo
         sorted_ids = T.match_buffer(sorted_h, (n_blocks * u_BM,), "int32")
         block_expert = T.match_buffer(bexp_h, (n_blocks,), "int32")
         num_blocks = T.match_buffer(nblk_h, (1,), "int32")
-        w13 = T.match_buffer(w_h, (u_El, u_NTP, u_H, u_BNP), u_dt)
-        b13 = T.match_buffer(b_h, (u_El, u_NTP, u_BNP), u_dt)
+        w13 = T.match_buffer(w_h, (u_El, u_NT, u_H, u_BN), u_dt)
+        b13 = T.match_buffer(b_h, (u_El, u_NT, u_BN), u_dt)
         act = T.match_buffer(act_h, (n_blocks * u_BM, u_I), u_dt)
         gu = T.sblock_alloc_buffer((u_acc_nt, n_blocks * u_BM, u_acc_w), "float32")
         xs = T.sblock_alloc_buffer((u_xs_nt, n_blocks * u_BM, u_HX), u_xs_dt)
@@ -221,7 +196,7 @@ def experts_up_func(s: ExpertShapes, block_m: int, block_n: int, gather_rows: bo
                                 u_woi, topk_weights[T.min(T.Cast("int64", sorted_ids[(vb if u_one_row else vb * u_BM + vm)]), n_slots - 1) // u_K,
                                                     T.min(T.Cast("int64", sorted_ids[(vb if u_one_row else vb * u_BM + vm)]), n_slots - 1) % u_K],
                                 T.float32(1)))) * T.Cast("float32", ws[vb, vt, vh, vc] if stage_operands else
-                                                         w13[_expert(block_expert, vb, unsorted), u_wt(vt), vh, u_wc(vt, vc)])
+                                                         w13[_expert(block_expert, vb, unsorted), vt, vh, vc])
                 for m, c in T.grid(u_BM, u_half):
                     with T.sblock("act"):
                         if grid_blocks:
@@ -233,15 +208,15 @@ def experts_up_func(s: ExpertShapes, block_m: int, block_n: int, gather_rows: bo
                             act[(vb if u_one_row else vb * u_BM + vm), vt * u_half + vc] = T.Cast(u_dt, _act(
                                 u_act,
                                 gu[vt * u_acc_tile, (vb if u_one_row else vb * u_BM + vm), vt * u_acc_stride + vc]
-                                + T.if_then_else(u_bias, T.Cast("float32", b13[_expert(block_expert, vb, unsorted), u_wt(vt), u_wc(vt, vc)]), T.float32(0)),
+                                + T.if_then_else(u_bias, T.Cast("float32", b13[_expert(block_expert, vb, unsorted), vt, vc]), T.float32(0)),
                                 gu[vt * u_acc_tile, (vb if u_one_row else vb * u_BM + vm), vt * u_acc_stride + u_half + vc]
-                                + T.if_then_else(u_bias, T.Cast("float32", b13[_expert(block_expert, vb, unsorted), u_wt(vt), u_wc(vt, u_half + vc)]), T.float32(0)),
+                                + T.if_then_else(u_bias, T.Cast("float32", b13[_expert(block_expert, vb, unsorted), vt, u_half + vc]), T.float32(0)),
                                 u_alpha, u_limit))
                         else:
                             act[(vb if u_one_row else vb * u_BM + vm), vt * u_half + vc] = T.Cast(u_dt, _act(
                                 u_act,
                                 gu[vt * u_acc_tile, (vb if u_one_row else vb * u_BM + vm), vt * u_acc_stride + vc]
-                                + T.if_then_else(u_bias, T.Cast("float32", b13[_expert(block_expert, vb, unsorted), u_wt(vt), u_wc(vt, vc)]), T.float32(0)),
+                                + T.if_then_else(u_bias, T.Cast("float32", b13[_expert(block_expert, vb, unsorted), vt, vc]), T.float32(0)),
                                 None, u_alpha, u_limit))
 
     return experts_up
@@ -249,24 +224,22 @@ def experts_up_func(s: ExpertShapes, block_m: int, block_n: int, gather_rows: bo
 
 def experts_down_func(s: ExpertShapes, block_m: int, block_n: int, grid_blocks: bool = False,
                       stage_operands: bool = False, int64_loops: bool = False, unsorted: bool = False,
-                      y_dtype: str = "float32", split_n: int = 1):
+                      y_dtype: str = "float32"):
     """PrimFunc `experts_down(act [MP, I], topk_weights [T, K] f32, sorted_ids [MP] i32, block_expert [MB] i32,
     num_blocks [1] i32, w2p [El, NT2, I, BN], b2p [El, NT2, BN], y [MP, Hp] y_dtype)`: weighted rows, sorted
     order, summed in fp32 and stored as y_dtype (fp32, or the model dtype: half the scratch bytes).
     grid_blocks, stage_operands, int64_loops, unsorted: as experts_up_func (act rows are already in block order:
-    only the weight tile is staged; ysum is laid out as experts_up_func's gu), split_n: as experts_up_func."""
-    assert split_n == 1 or not stage_operands, "split_n: the CUDA-core kernels only"
+    only the weight tile is staged; ysum is laid out as experts_up_func's gu)."""
     d_dt, d_El, d_K, d_H, d_I = s.dtype, s.local_experts, s.top_k, s.hidden, s.intermediate
-    d_BM, d_BN, d_BNP = block_m, block_n // split_n, block_n  # kernel tile, packed tile
-    d_NT, d_NTP = d_H // d_BN, d_H // d_BNP
-    d_wt, d_wc = _packed_tile(split_n, d_BN, False)
+    d_BM, d_BN = block_m, block_n
+    d_NT = d_H // d_BN
     d_woi, d_bias = s.weight_on_input, s.expert_bias
     d_one_row = block_m == 1  # as experts_up_func
     d_acc_tile, d_acc_stride = (1, 0) if int64_loops else (0, d_BN)
     d_acc_nt, d_acc_w = (d_NT, d_BN) if int64_loops else (1, d_H)
-    d_NT, d_BM, d_BN, d_H, d_I, d_El, d_K, d_acc_nt, d_acc_w, d_acc_stride, d_NTP, d_BNP = (
+    d_NT, d_BM, d_BN, d_H, d_I, d_El, d_K, d_acc_nt, d_acc_w, d_acc_stride = (
         _extent(n, stage_operands or int64_loops)
-        for n in (d_NT, d_BM, d_BN, d_H, d_I, d_El, d_K, d_acc_nt, d_acc_w, d_acc_stride, d_NTP, d_BNP))
+        for n in (d_NT, d_BM, d_BN, d_H, d_I, d_El, d_K, d_acc_nt, d_acc_w, d_acc_stride))
     tok = token_var()
     n_slots = tok * d_K
     n_blocks = _max_blocks(n_slots, d_BM, d_El, unsorted)
@@ -280,8 +253,8 @@ def experts_down_func(s: ExpertShapes, block_m: int, block_n: int, grid_blocks: 
         sorted_ids = T.match_buffer(sorted_h, (n_blocks * d_BM,), "int32")
         block_expert = T.match_buffer(bexp_h, (n_blocks,), "int32")
         num_blocks = T.match_buffer(nblk_h, (1,), "int32")
-        w2 = T.match_buffer(w_h, (d_El, d_NTP, d_I, d_BNP), d_dt)
-        b2 = T.match_buffer(b_h, (d_El, d_NTP, d_BNP), d_dt)
+        w2 = T.match_buffer(w_h, (d_El, d_NT, d_I, d_BN), d_dt)
+        b2 = T.match_buffer(b_h, (d_El, d_NT, d_BN), d_dt)
         y = T.match_buffer(y_h, (n_blocks * d_BM, d_H), y_dtype)
         ysum = T.sblock_alloc_buffer((d_acc_nt, n_blocks * d_BM, d_acc_w), "float32")
         ws = T.sblock_alloc_buffer((n_blocks, d_NT, d_I, d_BN), d_dt)
@@ -308,7 +281,7 @@ def experts_down_func(s: ExpertShapes, block_m: int, block_n: int, grid_blocks: 
                         ysum[vt * d_acc_tile, (vb if d_one_row else vb * d_BM + vm), vt * d_acc_stride + vc] += (
                             T.Cast("float32", act[(vb if d_one_row else vb * d_BM + vm), vi])
                             * T.Cast("float32", ws[vb, vt, vi, vc] if stage_operands else
-                                     w2[_expert(block_expert, vb, unsorted), d_wt(vt), vi, d_wc(vt, vc)]))
+                                     w2[_expert(block_expert, vb, unsorted), vt, vi, vc]))
                 for m, c in T.grid(d_BM, d_BN):
                     with T.sblock("scale"):
                         if grid_blocks:
@@ -318,7 +291,7 @@ def experts_down_func(s: ExpertShapes, block_m: int, block_n: int, grid_blocks: 
                         vm, vc = T.axis.remap("SS", [m, c])
                         y[(vb if d_one_row else vb * d_BM + vm), vt * d_BN + vc] = T.Cast(y_dtype, (
                             ysum[vt * d_acc_tile, (vb if d_one_row else vb * d_BM + vm), vt * d_acc_stride + vc]
-                            + T.if_then_else(d_bias, T.Cast("float32", b2[_expert(block_expert, vb, unsorted), d_wt(vt), d_wc(vt, vc)]), T.float32(0))
+                            + T.if_then_else(d_bias, T.Cast("float32", b2[_expert(block_expert, vb, unsorted), vt, vc]), T.float32(0))
                         ) * T.if_then_else(
                             d_woi, T.float32(1),
                             topk_weights[T.min(T.Cast("int64", sorted_ids[(vb if d_one_row else vb * d_BM + vm)]), n_slots - 1) // d_K,

@@ -51,11 +51,6 @@ class ExpertsConfig:
     # vector_loads: k steps a thread unrolls (its 16-byte loads in flight together; fitted down to a
     # divisor of each GEMM's steps per thread). 1: one load in flight per thread, as before session 7
     decode_unroll: int = 1
-    # vector_loads: thread blocks per packed weight tile of the up / down GEMM (each takes block_n / split_n
-    # of its columns, kernels.experts._packed_tile): more blocks at one token, where (slots x tiles) leaves
-    # multiprocessors idle (gpt-oss-20b's down GEMM: 4 x 12 = 48 blocks on 132), with the packing unchanged
-    split_n_up: int = 1
-    split_n_down: int = 1
     # no sort (block_m 1, grid_blocks): slot s is block s, routing writes the dispatch buffers itself
     # (kernels/routing.py route_dispatch) and no dispatch kernel runs; blocks of another EP rank's
     # experts exit at once. Each slot streams its expert's weights: for paths with well under one row
@@ -172,9 +167,6 @@ def config_ok(cfg: ExpertsConfig, shapes: ExpertShapes) -> str | None:
                     f">= 32 (not {th})")
     if cfg.group_m != 1 and not cfg.mma:
         return f"group_m {cfg.group_m} needs mma (CUDA-core tiles keep one block per row of the grid)"
-    if (cfg.split_n_up, cfg.split_n_down) != (1, 1) and (cfg.mma or not cfg.vector_loads):
-        return (f"split_n_up {cfg.split_n_up} / split_n_down {cfg.split_n_down} need vector_loads without mma "
-                f"(the split-K decode); other paths take 1")
     if cfg.wgmma and not cfg.mma:
         return "wgmma needs mma true (it is the Hopper form of the tensor-core path)"
     if cfg.wgmma:
@@ -274,12 +266,7 @@ def _vector_ok(cfg: ExpertsConfig, shapes: ExpertShapes) -> str | None:
         return f"vector_loads needs block_m 1 and split_k > 1, not block_m {cfg.block_m} split_k {cfg.split_k}"
     if not 1 <= cfg.decode_unroll <= DECODE_UNROLL_MAX:
         return f"vector_loads: decode_unroll {cfg.decode_unroll} must be 1 to {DECODE_UNROLL_MAX} k steps"
-    for field, n, split, pair in (("block_n_up", cfg.block_n_up, cfg.split_n_up, shapes.gated),
-                                  ("block_n_down", cfg.block_n_down, cfg.split_n_down, False)):
-        if split < 1 or n % (split * vec * (2 if pair and split > 1 else 1)):
-            return (f"vector_loads: {field} {n} must split into split_n_{field[8:]} {split} tiles of whole {vec}-column "
-                    f"vectors{' (gate and up halves each)' if pair else ''}")
-        n //= split
+    for field, n in (("block_n_up", cfg.block_n_up), ("block_n_down", cfg.block_n_down)):
         if n % vec or (n // vec) * cfg.split_k > 1024:
             return f"vector_loads: {field} {n} must be a multiple of {vec}, with ({n} / {vec}) * split_k <= 1024 threads"
         threads, regs = (n // vec) * cfg.split_k, cfg.decode_unroll * VECTOR_BYTES // 4 + DECODE_OTHER_REGISTERS
@@ -328,15 +315,8 @@ def fit_config(cfg: ExpertsConfig, shapes: ExpertShapes) -> ExpertsConfig:
         fitted = dataclasses.replace(fitted, split_k=fit_divisor(g, max(1, min(cfg.split_k, g // 2))))
     if shapes.gated and (shapes.n13 // 2) % (fitted.block_n_up // 2):
         fitted = dataclasses.replace(fitted, block_n_up=2 * fit_divisor(shapes.intermediate, cfg.block_n_up // 2))
-    if fitted.vector_loads:  # the column splits: divisors that leave whole vectors (per half, gated)
-        vec = VECTOR_BYTES // (4 if shapes.dtype == "float32" else 2)
-        up_vecs = fitted.block_n_up // (2 * vec if shapes.gated else vec)
-        fitted = dataclasses.replace(
-            fitted, split_n_up=fit_divisor(up_vecs, cfg.split_n_up) if up_vecs else 1,
-            split_n_down=fit_divisor(fitted.block_n_down // vec, cfg.split_n_down) if fitted.block_n_down >= vec else 1)
     if fitted.vector_loads and config_ok(fitted, shapes) is not None:
-        # widths that do not split into vectors
-        fitted = dataclasses.replace(fitted, vector_loads=False, split_n_up=1, split_n_down=1)
+        fitted = dataclasses.replace(fitted, vector_loads=False)  # widths that do not split into vectors
     if fitted.mma:
         # the reduction step: a multiple of two fragments dividing both reductions (gpt-oss-20b's I 2880
         # takes no block_k 128: 96 keeps the tensor cores, where the fallback below measured 50 ms);

@@ -103,7 +103,7 @@ def experts_up(func, name: str, cfg: ExpertsConfig) -> s_tir.Schedule:
         _epilogue_threads(sch, sch.get_sblock("act", func_name=name), warps, lanes)
         return _exit_past_blocks(sch, name, cfg)
     if cfg.vector_loads:  # decode: 16-byte weight loads, split-K partials through shared memory
-        _split_k_vector_gemm(sch, name, cfg, cfg.block_n_up // cfg.split_n_up, _vector(func), "act")
+        _split_k_vector_gemm(sch, name, cfg, cfg.block_n_up, _vector(func), "act")
         return _exit_past_blocks(sch, name, cfg)
     act = sch.get_sblock("act", func_name=name)
     if cfg.split_k > 1:
@@ -130,7 +130,7 @@ def experts_down(func, name: str, cfg: ExpertsConfig) -> s_tir.Schedule:
         _epilogue_threads(sch, sch.get_sblock("scale", func_name=name), warps, lanes)
         return _exit_past_blocks(sch, name, cfg)
     if cfg.vector_loads:
-        _split_k_vector_gemm(sch, name, cfg, cfg.block_n_down // cfg.split_n_down, _vector(func), "scale")
+        _split_k_vector_gemm(sch, name, cfg, cfg.block_n_down, _vector(func), "scale")
         return _exit_past_blocks(sch, name, cfg)
     _tile_gemm(sch, name, "gemm", "local", cfg.split_k)
     scale = sch.get_sblock("scale", func_name=name)
