@@ -267,8 +267,10 @@ def export_library(ex, target: TargetInfo, out: Path, arch_specific: bool = Fals
     from tvm.backend.cuda import export_cuda_host
 
     source = widen_copy_offsets(export_cuda_host(ex.mod))
+    pdl = {}
     if target.extra.get("programmatic_launch"):
         source = add_programmatic_launch(source, early)
+        pdl = {"programmatic_launch": {"early_trigger": sorted(early)}}
     (out / "moe.cu").write_text(source)
     ffi = Path(tvm_ffi.__file__).parent
     flags = _nvcc_flags(target, arch_specific)
@@ -285,7 +287,7 @@ def export_library(ex, target: TargetInfo, out: Path, arch_specific: bool = Fals
     version = subprocess.run(["nvcc", "--version"], capture_output=True, text=True).stdout.strip().splitlines()[-1]
     embedded = sorted({(e["kind"], e["arch"]) for e in fatbin_entries(out / "moe.so")})
     return {"compiler": version, "nvcc_flags": flags,
-            "embedded": [{"kind": k, "arch": a} for k, a in embedded]}
+            "embedded": [{"kind": k, "arch": a} for k, a in embedded], **pdl}
 
 
 def generator_hash() -> str:

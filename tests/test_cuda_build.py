@@ -387,7 +387,8 @@ def test_kernels_launch_programmatically_on_hopper_only(target, artifact):
     entries = re.findall(r'^extern "C" __global__ void (?:__launch_bounds__\(\d+\) )?(\w+)_kernel\([^;]*\{\n(.*)\n(.*)$',
                          src, re.M)
     assert len(entries) >= 8  # routing, the dispatches, the GEMMs, combine of several paths
-    early = early_trigger(read_manifest(root)["paths"])
+    m = read_manifest(root)
+    early = early_trigger(m["paths"])
     if hopper := target == "cuda-sm90":  # the shipped t1 path is the vector decode
         assert {"route_dispatch_t1", "experts_up_t1", "experts_down_t1", "combine_t1"} <= early
     for name, first, second in entries:
@@ -395,6 +396,8 @@ def test_kernels_launch_programmatically_on_hopper_only(target, artifact):
         assert ("griddepcontrol.launch_dependents;" in second) == (hopper and name in early), name
     assert not hopper or early <= {name for name, _, _ in entries}  # the decode path's kernels are there
     assert src.count("programmaticStreamSerializationAllowed = 1") == (1 if hopper else 0)
+    # the manifest says how the kernels launch
+    assert m["compiled"].get("programmatic_launch") == ({"early_trigger": sorted(early)} if hopper else None)
     assert "griddepcontrol" not in src or hopper
 
 
