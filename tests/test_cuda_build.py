@@ -407,3 +407,18 @@ def test_programmatic_launch_refuses_a_changed_source():
 
     with pytest.raises(RuntimeError, match="TVM's CUDA source changed shape"):
         add_programmatic_launch('extern "C" __global__ void k(float* a) {\n  a[0] = 1;\n}\n')
+
+
+def test_programmatic_launch_names_split_kernels_by_their_function():
+    """A function TVM lowers to several kernels (f_kernel, f_kernel_1) or one without launch bounds gets the
+    wait in each; the early trigger follows the function's name, not the kernel's."""
+    from moegen.build import _LAUNCH_HELPER, add_programmatic_launch
+
+    src = ('extern "C" __global__ void __launch_bounds__(64) combine_t1_kernel(float* a) {\n  a[0] = 1;\n}\n'
+           'extern "C" __global__ void combine_t1_kernel_1(float* a) {\n  a[1] = 1;\n}\n'
+           'extern "C" __global__ void routing_kernel(float* a) {\n  a[2] = 1;\n}\n' + _LAUNCH_HELPER)
+    out = add_programmatic_launch(src, frozenset({"combine_t1"}))
+    bodies = out.split('extern "C" __global__ void ')[1:]
+    assert all("griddepcontrol.wait;" in b.splitlines()[1] for b in bodies)
+    assert ["launch_dependents" in b for b in bodies] == [True, True, False]
+    assert "programmaticStreamSerializationAllowed = 1" in out and _LAUNCH_HELPER not in out
