@@ -17,7 +17,7 @@ Method:
   3. per token count T: random x [T, H] (bf16) and router logits [T, E] (fp32). Each contender runs
      WARMUPS times on a side stream (Triton compiles there), is captured once in a CUDA graph, and the
      graph is replayed: `us` = median of repeats x replays single replays, each after an L2 flush (a
-     write of twice the L2) and timed alone by CUDA events; `us_hot` = median over repeats of `replays`
+     read of twice the L2: see L2Flush) and timed alone by CUDA events; `us_hot` = median over repeats of `replays`
      back-to-back replays. A contender slower than TIME_BUDGET_S per series gets fewer replays (at
      least MIN_TIMED; `timed_replays`). The graph's output after the last replay is compared with moe_ref at this T
      (rel err: relative L2): above the dtype's tolerance the contender is flagged (`ok` false, "!").
@@ -65,7 +65,8 @@ DEFAULT_REPLAYS = 10
 TIME_BUDGET_S = 1.0  # at most about this long per contender and cell for each of the cold and hot series:
 #                      a contender slower than TIME_BUDGET_S / (repeats * replays) gets fewer replays ...
 MIN_TIMED = 3  # ... but never fewer than this (a median of at least 3)
-L2_FLUSH_MULTIPLE = 2  # the flush writes this many times the L2 before each timed replay
+L2_FLUSH_MULTIPLE = 2  # the flush reads (or writes) this many times the L2 before each timed replay
+L2_FLUSH_MODES = ("read", "write")
 L2_DEFAULT_BYTES = 50 << 20  # ... of this L2 size when torch does not report it (H100: 50 MiB)
 CHECK_TOKENS = 5  # the correctness check of every contender before a shape's timings
 WEIGHTS_SEED = 0
@@ -188,15 +189,29 @@ def make_contender(name: str, spec: MoESpec, weights: dict, runner, logits: torc
 
 class L2Flush:
     """Evicts the L2 before a timed replay: a decode step reaches a layer after every other layer's
-    weights went through the cache, and the H100's 50 MiB would otherwise hold a small working set."""
+    weights went through the cache, and the H100's 50 MiB would otherwise hold a small working set.
 
-    def __init__(self, device: torch.device):
+    mode "read" (the default since session 9) reads twice the L2, so the cache is left holding clean
+    lines, as after the previous layer's weights. mode "write" (sessions 1-8) writes zeros over it
+    instead, which leaves the L2 full of dirty lines: the timed replay then pays for writing those back
+    to memory as its own reads evict them, up to a full L2 of write traffic no layer of a model causes
+    (H100, Qwen3-30B-A3B at one token: 49.5 us after a write, 40.5 after a read; docs/perf.md)."""
+
+    def __init__(self, device: torch.device, mode: str = "read"):
+        if mode not in L2_FLUSH_MODES:
+            raise SpecError("--l2-flush", mode, " | ".join(L2_FLUSH_MODES))
         l2 = getattr(torch.cuda.get_device_properties(device), "L2_cache_size", 0) or L2_DEFAULT_BYTES
+        self.mode = mode
         self.nbytes = L2_FLUSH_MULTIPLE * l2
         self.buf = torch.empty(self.nbytes, dtype=torch.uint8, device=device)
+        self.buf.fill_(1)  # a read of it must not see NaNs or trip on uninitialised memory
+        self._max = torch.empty((), dtype=torch.float16, device=device)
 
     def __call__(self) -> None:
-        self.buf.zero_()
+        if self.mode == "write":
+            self.buf.zero_()
+        else:  # a reduction over every byte: the whole buffer read, one scalar written
+            torch.amax(self.buf.view(torch.float16), dim=0, out=self._max)
 
 
 class Timing(NamedTuple):
@@ -437,7 +452,7 @@ def _outputs_ok(err: float, tol: float) -> bool:
 
 def run_bench_cuda(target: str, shapes: list[str], tokens: list[int], artifacts_dir, *, json_path=None,
                    plot_path=None, repeats: int = DEFAULT_REPEATS, replays: int = DEFAULT_REPLAYS,
-                   triton_configs: int = 0, contenders: list[str] | None = None,
+                   triton_configs: int = 0, contenders: list[str] | None = None, l2_flush: str = "read",
                    echo: Callable[[str], None] = print) -> dict:
     """Benchmark every shape at every token count on the GPU (see the module's method). Returns the
     report (what --json writes, after every shape so a long run leaves its part)."""
@@ -450,6 +465,8 @@ def run_bench_cuda(target: str, shapes: list[str], tokens: list[int], artifacts_
         raise SpecError("--contenders", ",".join(names), ",".join(CONTENDERS) + " (any subset)")
     if repeats < 1 or replays < 1:
         raise SpecError("--repeats/--replays", (repeats, replays), "integers >= 1")
+    if l2_flush not in L2_FLUSH_MODES:
+        raise SpecError("--l2-flush", l2_flush, " | ".join(L2_FLUSH_MODES))
     resolved = [resolve_shape(s, Path(artifacts_dir), target) for s in shapes]  # all checked before the long part
     device = torch.device("cuda", torch.cuda.current_device())
     if "triton" in names:
@@ -470,12 +487,13 @@ def run_bench_cuda(target: str, shapes: list[str], tokens: list[int], artifacts_
     echo(f"{torch.cuda.get_device_name(device)}: measuring ceilings")
     ceilings = measure_ceilings(device)
     echo(ceilings_line(ceilings))
-    flush = L2Flush(device)
+    flush = L2Flush(device, l2_flush)
     echo(f"timing: CUDA graphs, median of {repeats}x{replays} replays (fewer, at least {MIN_TIMED}, past "
-         f"{TIME_BUDGET_S:.0f} s), each after an L2 flush ({flush.nbytes >> 20} MiB written); also back-to-back (hot)")
+         f"{TIME_BUDGET_S:.0f} s), each after an L2 flush ({flush.nbytes >> 20} MiB "
+         f"{'read' if l2_flush == 'read' else 'written'}); also back-to-back (hot)")
     report = {"schema": SCHEMA, "target": target, "machine": machine_info(device), "ceilings": ceilings,
               "method": {"warmups": WARMUPS, "repeats": repeats, "replays": replays,
-                         "l2_flush_bytes": flush.nbytes, "triton_configs": triton_configs or None,
+                         "l2_flush_bytes": flush.nbytes, "l2_flush": l2_flush, "triton_configs": triton_configs or None,
                          "time_budget_s": TIME_BUDGET_S, "min_timed": MIN_TIMED},
               "check_tokens": CHECK_TOKENS, "contenders": names, "tolerance": None, "shapes": {}, "cells": []}
 

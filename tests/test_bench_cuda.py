@@ -113,7 +113,8 @@ def synthetic_report() -> dict:
                         "triton": "3.6.0"},
             "ceilings": {"copy_bytes_per_s": 3.01e12, "copy_tensor_bytes": 1 << 30, "gemm_flops_per_s": 701e12,
                          "gemm_size": 8192, "gemm_dtype": "bfloat16", "tries": 10},
-            "method": {"warmups": 2, "repeats": 5, "replays": 10, "l2_flush_bytes": 100 << 20, "triton_configs": None},
+            "method": {"warmups": 2, "repeats": 5, "replays": 10, "l2_flush_bytes": 100 << 20, "l2_flush": "read",
+                       "triton_configs": None},
             "check_tokens": 5, "contenders": list(bench_cuda.CONTENDERS), "tolerance": TOL,
             "shapes": {"mixtral-8x7b": {"load_first_forward_ms": 12.5, "check": {n: {"rel_err": 4e-3, "ok": True}
                                                                                  for n in bench_cuda.CONTENDERS}}},
@@ -249,6 +250,13 @@ def test_bench_cuda_without_gpu_is_one_line_exit_2():
     r = CliRunner().invoke(main, ["bench", "--target", "cuda-sm90", "--shapes", "qwen3-30b-a3b", "--tokens", "1"])
     assert r.exit_code == 2
     assert r.stderr.splitlines() == [r.stderr.strip()] and "needs a CUDA GPU" in r.stderr
+
+
+def test_bench_cuda_l2_flush_takes_read_or_write():
+    """A wrong --l2-flush is refused before anything runs, naming the option and what it takes."""
+    r = CliRunner().invoke(main, ["bench", "--target", "cuda-sm90", "--l2-flush", "dirty"])
+    assert r.exit_code == 2
+    assert "--l2-flush" in r.stderr and "'dirty' is not one of 'read', 'write'" in r.stderr
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="this box has a GPU: the bench would run")

@@ -1,0 +1,92 @@
+"""Where a decode forward's time goes under the bench's method (CUDA graph, L2 flushed before each timed
+replay): the kernels of the decode path timed alone and as growing prefixes of the chain, next to a
+graph of one tiny kernel (the replay's own cost) and read-only streams of the same bytes. From the repo
+root on a GPU box: MOEGEN_BREAKDOWN (default qwen3-30b-a3b,gpt-oss-20b), MOEGEN_GPU_ARTIFACTS,
+MOEGEN_BREAKDOWN_TOKENS (default 1), MOEGEN_FLUSH (read | write: L2Flush)."""
+import os
+from pathlib import Path
+
+import torch
+
+from moegen.artifact import read_manifest
+from moegen.bench_cuda import L2Flush, time_graph
+from moegen.reference import random_weights
+from moegen.runtime import MoERunner
+from moegen.runtime.runner import pick_path
+from moegen.spec import spec_from_dict
+
+ART = Path(os.environ.get("MOEGEN_GPU_ARTIFACTS", "gpu-bundle/artifacts"))
+NAMES = os.environ.get("MOEGEN_BREAKDOWN", "qwen3-30b-a3b,gpt-oss-20b").split(",")
+TOKENS = [int(t) for t in os.environ.get("MOEGEN_BREAKDOWN_TOKENS", "1").split(",")]
+REPEATS, REPLAYS = 5, 20
+
+print(torch.cuda.get_device_name(), flush=True)
+FLUSH = L2Flush(torch.device("cuda"), os.environ.get("MOEGEN_FLUSH", "read"))  # the bench's (read | write)
+print(f"flush: {FLUSH.mode}")
+
+
+def us(fn):
+    return time_graph(fn, REPEATS, REPLAYS, FLUSH).us
+
+
+tiny = torch.zeros(256, device="cuda")
+print(f"graph of one tiny kernel: {us(lambda: tiny.add_(1)):.1f} us", flush=True)
+for name in NAMES:
+    root = ART / name / "cuda-sm90"
+    spec = spec_from_dict(read_manifest(root)["spec"])
+    r = MoERunner.load(root, random_weights(spec, 1, device="cuda"), device="cuda")
+    for T in TOKENS:
+        x = torch.randn(T, spec.hidden_size, device="cuda").to(getattr(torch, spec.dtype))
+        lg = torch.randn(T, spec.num_experts, device="cuda")
+        path = pick_path(r.paths, T, spec.top_k, spec.local_experts)
+        c, n = path["config"], path["name"]
+        w13, b13, w2, b2 = r._packed[(c["block_n_up"], c["block_n_down"])]
+        b, f = r._staging(path, T), r._fns
+        out = torch.empty(T, spec.kernel_hidden, dtype=x.dtype, device="cuda")
+        grid = (r._n_sm,) if c.get("warp_specialized") else ()
+        with r._stream():
+            steps = {
+                "route": lambda: f[f"route_dispatch_{n}"](lg, r.correction_bias, r.expert_map, b["ids"], b["tw"],
+                                                           b["sorted_ids"], b["block_expert"], b["num_blocks"],
+                                                           b["slot_pos"]),
+                "up": lambda: f[f"experts_up_{n}"](x, b["tw"], b["sorted_ids"], b["block_expert"], b["num_blocks"],
+                                                   w13, b13, b["act"], *grid),
+                "down": lambda: f[f"experts_down_{n}"](b["act"], b["tw"], b["sorted_ids"], b["block_expert"],
+                                                       b["num_blocks"], w2, b2, b["y"], *grid),
+                "combine": lambda: f[f"combine_{n}"](b["y"], b["slot_pos"], out),
+            }
+
+            def chain(names):
+                def run():
+                    with r._stream():
+                        for s in names:
+                            steps[s]()
+                return run
+
+            order = list(steps)
+            chain(order)()
+            torch.cuda.synchronize()
+            ids = b["ids"].flatten().long()
+            up_bytes = w13[0].numel() * w13.element_size() * len(set(ids.tolist()))
+            down_bytes = w2[0].numel() * w2.element_size() * len(set(ids.tolist()))
+            line = [f"{name} T={T} path {n}:"]
+            for s in order:
+                line.append(f"{s} alone {us(chain([s])):.1f}")
+            for i in range(2, len(order) + 1):
+                line.append(f"{'+'.join(order[:i])} {us(chain(order[:i])):.1f}")
+            line.append(f"forward {us(lambda: r(x, lg)):.1f}")
+            # read-only streams of the touched weights' bytes (torch's sum: one kernel each)
+            src_up = torch.randn(up_bytes // 2, device="cuda").to(torch.bfloat16)
+            src_dn = torch.randn(down_bytes // 2, device="cuda").to(torch.bfloat16)
+            line.append(f"sum of {up_bytes / 1e6:.1f} MB {us(lambda: src_up.sum()):.1f}")
+            line.append(f"sum of {down_bytes / 1e6:.1f} MB {us(lambda: src_dn.sum()):.1f}")
+            line.append(f"both sums {us(lambda: (src_up.sum(), src_dn.sum())):.1f}")
+            del src_up, src_dn
+        print("; ".join(line), flush=True)
+    del r
+    torch.cuda.empty_cache()
+
+# does the flush evict? a 25 MB read timed hot (back to back) and after the flush
+small = torch.randn(25 << 19, device="cuda").to(torch.bfloat16)
+t = time_graph(lambda: small.sum(), REPEATS, REPLAYS, FLUSH)
+print(f"sum of 25 MB: after the flush {t.us:.1f} us, hot {t.us_hot:.1f} us")
