@@ -84,8 +84,8 @@ def scheduled_module(spec: MoESpec, target: TargetInfo, schedule: dict | None = 
     from .kernels import pack as kp
     from .kernels import routing as kr
     from .schedule import rules
-    from .schedule.config import (ExpertsConfig, ScheduleError, load_paths, load_routing_config, pack_config,
-                                  path_records)
+    from .schedule.config import (RANK_MAX_EXPERTS, ExpertsConfig, ScheduleError, load_paths, load_routing_config,
+                                  pack_config, path_records)
 
     rule = rules(target.family)
     shapes = expert_shapes(spec)
@@ -93,10 +93,14 @@ def scheduled_module(spec: MoESpec, target: TargetInfo, schedule: dict | None = 
     if schedule is None:
         path, schedule, _ = schedule_source(target, spec=spec)
         source = str(path)
-    warps = load_routing_config(target.name, schedule).get("warps_per_block", 0)
+    routing_config = load_routing_config(target.name, schedule)
+    warps = routing_config.get("warps_per_block", 0)
+    rank = routing_config.get("route_dispatch") == "rank" and spec.num_experts <= RANK_MAX_EXPERTS
 
     def routing(name: str, dispatch: bool = False):
         """routing, or with dispatch the route_dispatch of a path without the sort"""
+        if dispatch and rank:  # GPUs, few tokens: a thread block per token, a thread per expert
+            return rule.routing_warps(kr.routing_rank_func(spec.num_experts, spec.top_k, spec.router, True), name)
         if warps:  # GPUs: a warp per token (kernels/routing.py)
             return rule.routing_warps(kr.routing_warp_func(
                 spec.num_experts, spec.top_k, spec.router, warps, dispatch), name)

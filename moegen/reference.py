@@ -18,6 +18,12 @@ from .spec import MoESpec, RouterSpec
 # ---- routing ---------------------------------------------------------------------------------
 
 
+def _top(values: torch.Tensor, k: int) -> torch.Tensor:
+    """Indices of the k largest along the last dim, largest first, the lower index first among equal
+    values (the kernels' order: torch.topk leaves ties unordered)."""
+    return values.sort(dim=-1, descending=True, stable=True).indices[..., :k]
+
+
 def route_ref(logits: torch.Tensor, router: RouterSpec, top_k: int,
               correction_bias: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """logits [T, E] -> (topk_ids [T, K] int32 in descending choice order, topk_weights [T, K] fp32)."""
@@ -33,9 +39,9 @@ def route_ref(logits: torch.Tensor, router: RouterSpec, top_k: int,
         else:
             gscore = grouped.max(dim=-1).values  # [T, G]
         keep = torch.zeros_like(gscore, dtype=torch.bool)
-        keep.scatter_(1, gscore.topk(TG, dim=-1).indices, True)
+        keep.scatter_(1, _top(gscore, TG), True)
         choice = choice.masked_fill(~keep.repeat_interleave(E // G, dim=1), float("-inf"))
-    ids = choice.topk(top_k, dim=-1).indices  # [T, K]
+    ids = _top(choice, top_k)  # [T, K]
     w = scores.gather(1, ids)  # weights always come from the unbiased scores
     if router.renormalize:
         w = w / w.sum(-1, keepdim=True)

@@ -188,9 +188,70 @@ def check_dispatch(root: Path) -> bool:
     return ok
 
 
+def check_route_dispatch(root: Path) -> bool:
+    """The route_dispatch kernel of every path without the sort, alone, against reference.route_ref (ids
+    exactly, weights to 1e-5) and dispatch_unsorted_ref (every buffer exactly), with a random correction
+    bias, all experts local and every third another rank's: on random logits, on logits in steps of 0.5
+    (ties everywhere: the lower index must win, as route_ref's topk), and on rows with NaN and -inf (only
+    K distinct real experts asked: the expert kernels index weights with them)."""
+    import tvm_ffi
+    from moegen.reference import dispatch_unsorted_ref, route_ref
+    from moegen.runtime.loader import load_artifact
+
+    manifest, module = load_artifact(root, torch.device("cuda"))
+    spec = spec_from_dict(manifest["spec"])
+    E, K = spec.num_experts, spec.top_k
+    foreign = torch.arange(E, dtype=torch.int32)
+    foreign[::3] = -1
+    foreign[foreign >= 0] = torch.arange(int((foreign >= 0).sum()), dtype=torch.int32)
+    gen = torch.Generator().manual_seed(7)
+    ok = True
+    for path in (p for p in manifest["paths"] if not p["config"].get("sort", True)):
+        fn = module[f"route_dispatch_{path['name']}"]
+        for T in (1, 2, 3, 7, 33):
+            for kind in ("random", "ties", "nan"):
+                lg = torch.randn(T, E, generator=gen)
+                if kind == "ties":
+                    lg = (lg * 2).round() / 2
+                elif kind == "nan":
+                    lg[0, ::5] = float("nan")
+                    lg[-1, 1::3] = float("-inf")
+                bias = torch.randn(E, generator=gen) * 0.1
+                for emap in (torch.arange(E, dtype=torch.int32), foreign):
+                    i32 = dict(dtype=torch.int32, device="cuda")
+                    out = dict(ids=torch.full((T, K), -7, **i32), tw=torch.full((T, K), -7.0, device="cuda"),
+                               sorted_ids=torch.full((T * K,), -7, **i32), block_expert=torch.full((T * K,), -7, **i32),
+                               num_blocks=torch.full((1,), -7, **i32), slot_pos=torch.full((T * K,), -7, **i32))
+                    with tvm_ffi.use_torch_stream():
+                        fn(lg.cuda(), bias.cuda(), emap.cuda(), *out.values())
+                    got = {k: v.cpu() for k, v in out.items()}
+                    bad = []
+                    if kind == "nan":  # no reference: K distinct real experts per token, weights written
+                        if not all(len(set(r.tolist())) == K and min(r.tolist()) >= 0 and max(r.tolist()) < E
+                                   for r in got["ids"]) or (got["tw"] == -7.0).any():
+                            bad.append("ids")
+                        want = dispatch_unsorted_ref(got["ids"], emap)
+                    else:
+                        ids, tw = route_ref(lg, spec.router, K, bias)
+                        if not torch.equal(got["ids"], ids):
+                            bad.append("ids")
+                        if not torch.allclose(got["tw"], tw, rtol=1e-5, atol=1e-6):
+                            bad.append(f"weights (max diff {(got['tw'] - tw).abs().max():.1e})")
+                        want = dispatch_unsorted_ref(ids, emap)
+                    bad += [k for k, v in want.items() if not torch.equal(got[k], v)]
+                    ok &= not bad
+                    if bad or T == 7:
+                        print(f"  route_dispatch {path['name']} T={T} {kind} {'EP map' if emap is foreign else 'local'}: "
+                              f"{'FAIL ' + ','.join(bad) if bad else 'equal to route_ref + dispatch_unsorted_ref ok'}",
+                              flush=True)
+    return ok
+
+
 for root in sorted(ART.glob(f"*/{TARGET}")):
     manifest = read_manifest(root)
     spec = spec_from_dict(manifest["spec"])
+    if any(not p["config"].get("sort", True) for p in manifest["paths"]) and "tp2" not in root.parent.name:
+        results[f"{root.parent.name} (route_dispatch)"] = check_route_dispatch(root)
     if any(p["config"].get("dispatch_tile") for p in manifest["paths"]) and weight_bytes(spec) <= REAL_BYTES \
             and spec.parallel.tp_size * spec.parallel.ep_size == 1:
         results[f"{root.parent.name} (dispatch kernels)"] = check_dispatch(root)

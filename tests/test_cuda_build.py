@@ -69,6 +69,25 @@ def test_gpu_routing_is_a_warp_per_token_grouped_or_not(artifact):
     assert "__shfl_xor_sync" in g and "gscore" in g and "gkeep" in g
 
 
+def test_gpu_decode_routing_ranks_with_a_thread_per_expert(artifact):
+    """routing.route_dispatch: rank (the shipped GPU schedules): the decode path's route_dispatch is one
+    thread block per token with a thread per expert (E rounded up to whole warps), picks by rank in
+    shared memory with block reductions for the softmax and no K rounds of shuffled argmaxes; grouped
+    top-k keeps its groups' best two; the sorted paths' routing kernel stays a warp per token. (Their
+    numbers are checked on a GPU against route_ref, ties and NaN rows too: scripts/gpu_check.py.)"""
+    for name, threads in (("tiny", 32), ("deepseek-v3-small", 32)):
+        src = (artifact(name, "cuda-sm90") / "moe.cu").read_text()
+        start = src.index("route_dispatch_t1_kernel(", src.index("route_dispatch_t1_kernel(") + 1)
+        end = src.find('extern "C" __global__', start)
+        body = src[src.rindex("extern", 0, start):end if end > 0 else None]
+        assert f"__launch_bounds__({threads}) route_dispatch_t1_kernel" in body
+        assert "__syncthreads()" in body and "ch_ptr[((int)threadIdx.x)] = " in body  # choices in shared memory
+        assert "pick_w" not in body  # (the warp kernel's per-lane picks)
+        assert ("gtop_ptr" in body and "gsec_ptr" in body) == (name == "deepseek-v3-small")
+        routing = src[src.index("routing_kernel(", src.index("routing_kernel(") + 1):]
+        assert "pick_w" in routing[:routing.find('extern "C" __global__')]
+
+
 # ---- tensor cores ----------------------------------------------------------------------------------
 
 MMA_PTX = "mma.sync.aligned.m16n8k16.row.col.f32.{ab}.{ab}.f32"

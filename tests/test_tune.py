@@ -205,6 +205,10 @@ GOOD_EXPERTS = "{block_m: 1, block_n_up: 64, block_n_down: 64, combine_n: 64}"
      "pack: tile_k 48 must be a power of two"),
     (f"paths: [{{name: a, max_rows_per_expert: null, experts: {GOOD_EXPERTS}}}]\npack: {{tile_k: 64, tile_n: 64, "
      "vector_bytes: 32}", "pack: vector_bytes 32 > 16"),
+    (f"paths: [{{name: a, max_rows_per_expert: null, experts: {GOOD_EXPERTS}}}]\nrouting: {{warps_per_block: 4, "
+     "route_dispatch: ranks}", "routing.route_dispatch: got 'ranks'; allowed: warps | rank"),
+    (f"paths: [{{name: a, max_rows_per_expert: null, experts: {GOOD_EXPERTS}}}]\nrouting: {{route_dispatch: rank}}",
+     "routing.route_dispatch: rank is a GPU kernel (a thread block per token); it needs warps_per_block > 0"),
     ("paths: [unclosed", "not valid YAML"),
     ("{}", "expected a non-empty `paths:` list"),
 ])

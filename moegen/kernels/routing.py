@@ -300,16 +300,151 @@ def routing_warp_func(num_experts: int, top_k: int, router: RouterSpec, warps: i
                         _identity_dispatch(bx * w_W + ty, r * 32 + tx, w_K, tok, pick[r], expert_map, sorted_ids,
                                            block_expert, num_blocks, slot_pos)
 
-    if w_dispatch:
-        return _route_dispatch(route, w_E, w_K, tok)
+    return _route_dispatch(route, w_E, w_K, tok) if w_dispatch else _routing(route, w_E, w_K, tok)
+
+
+@T.macro
+def _block_reduce(val, is_max: bool, lane, warp, W, red, out, i):
+    """out[i] = the max (or sum) of `val` over the thread block's W warps: a warp shuffle tree, then the
+    W warp results through shared memory `red`, which every thread adds up in the same order (so all
+    hold the same value). Barriers on both sides of `red`'s use: it can be reused at once."""
+    out[i] = val
+    for o in range(5):
+        if is_max:
+            out[i] = T.max(out[i], T.tvm_warp_shuffle_xor(T.uint32(0xFFFFFFFF), out[i], 16 >> o, 32, 32))
+        else:
+            out[i] = out[i] + T.tvm_warp_shuffle_xor(T.uint32(0xFFFFFFFF), out[i], 16 >> o, 32, 32)
+    if lane == 0:
+        red[warp] = out[i]
+    T.tvm_storage_sync("shared")
+    out[i] = red[0]
+    for w in range(1, W):
+        if is_max:
+            out[i] = T.max(out[i], red[w])
+        else:
+            out[i] = out[i] + red[w]
+    T.tvm_storage_sync("shared")
+
+
+@T.macro
+def _rank(ch, lo, n, c, e, out, i, tmp, ti):
+    """out[i] = how many of the choices ch[lo .. lo + n) (shared memory, read through the register
+    tmp[ti]: a branch may not read shared memory) beat choice c of index e: greater, or equal at a
+    lower index (the order in which the argmax rounds of routing_func pick)."""
+    out[i] = 0
+    for j in range(n):
+        tmp[ti] = ch[lo + j]
+        if tmp[ti] > c or (tmp[ti] == c and lo + j < e):
+            out[i] = out[i] + 1
+
+
+def routing_rank_func(num_experts: int, top_k: int, router: RouterSpec, dispatch: bool = False):
+    """The same contract as routing_func, one thread block per token and a thread per expert, for few
+    tokens (the decode path's route_dispatch), where routing is latency: a warp's K serial rounds of
+    shuffled argmaxes took ~4 us of Qwen3-30B-A3B's one-token layer. Here expert e is a pick when its
+    choice ranks below K (how many choices beat it: greater, or equal at a lower index, as the rounds
+    pick), counted in one pass over the E choices in shared memory, all experts at once; the rank is
+    the pick's position. Softmax max and sum are block reductions. Grouped top-k: each expert's rank
+    in its group names the group's best and second-best choice, each group's rank among the G group
+    scores says whether it is kept (ties: the lower index, as _keep_best_groups). A choice that is NaN
+    or below NEG_INF counts as NEG_INF, so the ranks are a total order and exactly K experts, all real,
+    are picked. An algorithm for 32-lane hardware (warp shuffles), so it names its threads."""
+    k_E, k_K = num_experts, top_k
+    k_TH = (k_E + 31) // 32 * 32  # threads: every expert, padded to whole warps
+    k_W = k_TH // 32
+    k_grouped = router.grouped
+    k_G = router.num_expert_group if k_grouped else 1
+    k_TG = router.topk_group if k_grouped else 1
+    k_EG = k_E // k_G
+    k_top_two = router.correction_bias and k_EG > 1  # a group's score: its best two (see _group_score)
+    k_softmax = router.scoring == "softmax"
+    k_use_bias = router.correction_bias
+    k_renorm = router.renormalize
+    k_scale = float(router.routed_scaling_factor)
+    k_dispatch = dispatch
+    tok = token_var()
+
+    @T.macro
+    def route(logits, bias, topk_ids, topk_weights, expert_map, sorted_ids, block_expert, num_blocks, slot_pos):
+        bx = T.launch_thread("blockIdx.x", tok)
+        tx = T.launch_thread("threadIdx.x", k_TH)
+        ch = T.alloc_buffer((k_TH,), "float32", scope="shared")  # every thread's choice
+        red = T.alloc_buffer((k_W,), "float32", scope="shared")  # the warps' partial max | sum
+        gtop = T.alloc_buffer((k_G,), "float32", scope="shared")  # grouped: each group's best choice ...
+        gsec = T.alloc_buffer((k_G,), "float32", scope="shared")  # ... and its second best
+        picked = T.alloc_buffer((k_K,), "float32", scope="shared")  # the picks' scores, by rank
+        v = T.alloc_buffer((5,), "float32", scope="local")  # score, choice, reduction, group score, tmp
+        rk = T.alloc_buffer((2,), "int32", scope="local")  # rank, rank of the group (or in it)
+        real = tx < k_E
+        v[0] = T.if_then_else(real, logits[bx, T.min(tx, k_E - 1)], T.float32(NEG_INF))
+        if k_softmax:
+            _block_reduce(v[0], True, tx % 32, tx // 32, k_W, red, v, 2)
+            v[0] = T.if_then_else(real, T.exp(v[0] - v[2]), T.float32(0))
+            _block_reduce(v[0], False, tx % 32, tx // 32, k_W, red, v, 2)
+            v[0] = v[0] / v[2]
+        else:
+            v[0] = T.sigmoid(v[0])
+        if k_use_bias:
+            v[1] = v[0] + T.if_then_else(real, bias[T.min(tx, k_E - 1)], T.float32(0))
+        else:
+            v[1] = v[0]
+        # a total order: NaN and anything below NEG_INF count as NEG_INF, the padding threads are NEG_INF
+        # and come after every expert (higher index), so they are never picked
+        v[1] = T.if_then_else(real and not T.isnan(v[1]), T.max(v[1], T.float32(NEG_INF)), T.float32(NEG_INF))
+        ch[tx] = v[1]
+        T.tvm_storage_sync("shared")
+        if k_grouped:
+            if real:
+                _rank(ch, tx // k_EG * k_EG, k_EG, v[1], tx, rk, 1, v, 4)  # the rank in its group
+                if rk[1] == 0:
+                    gtop[tx // k_EG] = v[1]
+                if k_top_two:
+                    if rk[1] == 1:
+                        gsec[tx // k_EG] = v[1]
+            T.tvm_storage_sync("shared")
+            if real:  # the rank of this expert's group among the G group scores
+                v[3] = gtop[tx // k_EG] + gsec[tx // k_EG] if k_top_two else gtop[tx // k_EG]
+                rk[1] = 0
+                for g in range(k_G):
+                    v[4] = gtop[g] + gsec[g] if k_top_two else gtop[g]
+                    if v[4] > v[3] or (v[4] == v[3] and g < tx // k_EG):
+                        rk[1] = rk[1] + 1
+                if rk[1] >= k_TG:
+                    v[1] = T.float32(NEG_INF)
+            T.tvm_storage_sync("shared")
+            ch[tx] = v[1]
+            T.tvm_storage_sync("shared")
+        _rank(ch, 0, k_TH, v[1], tx, rk, 0, v, 4)
+        if rk[0] < k_K:
+            picked[rk[0]] = v[0]
+            topk_ids[bx, rk[0]] = tx
+        T.tvm_storage_sync("shared")
+        if rk[0] < k_K:
+            if k_renorm:  # the picks' scores summed in pick order, as routing_func
+                v[2] = T.float32(0)
+                for k in range(k_K):
+                    v[2] = v[2] + picked[k]
+                topk_weights[bx, rk[0]] = v[0] / v[2] * T.float32(k_scale)
+            else:
+                topk_weights[bx, rk[0]] = v[0] * T.float32(k_scale)
+            if k_dispatch:
+                _identity_dispatch(bx, rk[0], k_K, tok, tx, expert_map, sorted_ids, block_expert, num_blocks,
+                                   slot_pos)
+
+    return _route_dispatch(route, k_E, k_K, tok) if k_dispatch else _routing(route, k_E, k_K, tok)
+
+
+def _routing(route, E: int, K: int, tok):
+    """PrimFunc `routing(logits [T, E] f32, bias [E] f32, topk_ids [T, K] i32, topk_weights [T, K] f32)`
+    around a routing body `route` (a macro that names its threads)."""
 
     @T.prim_func
     def routing(logits_h: T.handle, bias_h: T.handle, ids_h: T.handle, weights_h: T.handle):
         T.func_attr({"tir.noalias": True})
-        logits = T.match_buffer(logits_h, (tok, w_E), "float32")
-        bias = T.match_buffer(bias_h, (w_E,), "float32")
-        topk_ids = T.match_buffer(ids_h, (tok, w_K), "int32")
-        topk_weights = T.match_buffer(weights_h, (tok, w_K), "float32")
+        logits = T.match_buffer(logits_h, (tok, E), "float32")
+        bias = T.match_buffer(bias_h, (E,), "float32")
+        topk_ids = T.match_buffer(ids_h, (tok, K), "int32")
+        topk_weights = T.match_buffer(weights_h, (tok, K), "float32")
         route(logits, bias, topk_ids, topk_weights, None, None, None, None, None)
 
     return routing

@@ -473,11 +473,19 @@ def _check_routing(data: dict, source: str) -> None:
     r = data.get("routing")
     if r is None:
         return
-    if not isinstance(r, dict) or any(k != "warps_per_block" for k in r):
-        raise ScheduleError(f"schedules file {source}: routing: expected {{warps_per_block: N}}, got {r!r}")
+    if not isinstance(r, dict) or any(k not in ("warps_per_block", "route_dispatch") for k in r):
+        raise ScheduleError(f"schedules file {source}: routing: expected {{warps_per_block: N, route_dispatch: "
+                            f"{' | '.join(ROUTE_DISPATCH_KINDS)}}}, got {r!r}")
     w = r.get("warps_per_block", 0)
     if isinstance(w, bool) or not isinstance(w, int) or w < 0:
         raise ScheduleError(f"schedules file {source}: routing.warps_per_block: got {w!r}; allowed: an integer >= 0")
+    k = r.get("route_dispatch", "warps")
+    if k not in ROUTE_DISPATCH_KINDS:
+        raise ScheduleError(f"schedules file {source}: routing.route_dispatch: got {k!r}; allowed: "
+                            f"{' | '.join(ROUTE_DISPATCH_KINDS)}")
+    if k == "rank" and not w:
+        raise ScheduleError(f"schedules file {source}: routing.route_dispatch: rank is a GPU kernel (a thread block "
+                            "per token); it needs warps_per_block > 0 (the GPU routing)")
 
 
 def pack_config(data: dict[str, Any] | None, source: str) -> PackConfig | None:
@@ -506,8 +514,16 @@ def path_records(paths: list[PathConfig], shapes: ExpertShapes) -> list[dict]:
              "config": dataclasses.asdict(fit_config(p.experts, shapes))} for p in paths]
 
 
+# routing.route_dispatch, the routing kernel of the paths without the sort (decode): "warps" (one warp
+# per token, as the routing kernel) or "rank" (one thread block per token, a thread per expert:
+# kernels/routing.py routing_rank_func, for the few tokens those paths take)
+ROUTE_DISPATCH_KINDS = ("warps", "rank")
+RANK_MAX_EXPERTS = 1024  # the rank kernel's thread per expert: a thread block's limit (more: warps)
+
+
 def load_routing_config(target: str, data: dict[str, Any] | None = None) -> dict:
-    """The optional `routing:` section of schedule_file(target) (or `data`) (GPU: warps_per_block)."""
+    """The optional `routing:` section of schedule_file(target) (or `data`) (GPU: warps_per_block,
+    route_dispatch)."""
     if data is None:
         data = read_schedule(schedule_file(target))
     return dict((data or {}).get("routing") or {})

@@ -37,7 +37,8 @@ def routing(func, name: str, threads: int = 128) -> s_tir.Schedule:
 
 
 def routing_warps(func, name: str) -> s_tir.Schedule:
-    """kernels.routing.routing_warp_func names its threads itself: nothing left to schedule."""
+    """kernels.routing's GPU kernels (routing_warp_func, routing_rank_func) name their threads
+    themselves: nothing left to schedule."""
     return _schedule(func, name)
 
 
