@@ -85,7 +85,7 @@ def scheduled_module(spec: MoESpec, target: TargetInfo, schedule: dict | None = 
     from .kernels import routing as kr
     from .schedule import rules
     from .schedule.config import (RANK_MAX_EXPERTS, ExpertsConfig, ScheduleError, load_paths, load_routing_config,
-                                  pack_config, path_records)
+                                  pack_config, path_records, target_ok)
 
     rule = rules(target.family)
     shapes = expert_shapes(spec)
@@ -127,10 +127,10 @@ def scheduled_module(spec: MoESpec, target: TargetInfo, schedule: dict | None = 
         else:
             funcs[f"dispatch_{name}"] = rule.dispatch(
                 kd.dispatch_func(spec.num_experts, spec.local_experts, spec.top_k, bm), f"dispatch_{name}")
+        why = target_ok(cfg, target)
+        if why is not None:
+            raise ScheduleError(f"schedules file {source}: paths ({name}).experts.{why}")
         if cfg.wgmma:  # Hopper: the kernels name their threads (kernels/experts_wgmma.py)
-            if not target.extra.get("wgmma"):
-                raise ScheduleError(f"schedules file {source}: paths ({name}).experts.wgmma: true needs a Hopper "
-                                    f"target (cuda-sm90), not {target.name}")
             up_tile, down_tile = (kw.WgmmaTile(bm, n, cfg.stages, cfg.group_m, cfg.wgmma_span, cfg.warp_specialized)
                                   for n in (cfg.block_n_up, cfg.block_n_down))
             funcs[f"experts_up_{name}"] = rule.experts_wgmma(kw.experts_up_wgmma_func(shapes, up_tile),

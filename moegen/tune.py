@@ -129,7 +129,7 @@ def filter_candidates(configs: list, shapes, target=None) -> tuple[list[dict], l
     fitted}], rejected [{config, why}])."""
     import dataclasses
 
-    from .schedule.config import config_ok, fit_config
+    from .schedule.config import config_ok, fit_config, target_ok
 
     kept, rejected, ids = [], [], {}
     for cfg in configs:
@@ -139,8 +139,8 @@ def filter_candidates(configs: list, shapes, target=None) -> tuple[list[dict], l
             why = config_ok(fitted, shapes)
         except AssertionError as e:
             why = str(e)
-        if why is None and fitted.wgmma and target is not None and not target.extra.get("wgmma"):
-            why = f"wgmma needs a Hopper target (cuda-sm90), not {target.name}"
+        if why is None and target is not None:
+            why = target_ok(fitted, target)
         if why is not None:
             rejected.append({"config": asked, "why": why})
             continue

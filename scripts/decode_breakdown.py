@@ -2,7 +2,8 @@
 replay): the kernels of the decode path timed alone and as growing prefixes of the chain, next to a
 graph of one tiny kernel (the replay's own cost) and read-only streams of the same bytes. From the repo
 root on a GPU box: MOEGEN_BREAKDOWN (default qwen3-30b-a3b,gpt-oss-20b), MOEGEN_GPU_ARTIFACTS,
-MOEGEN_BREAKDOWN_TOKENS (default 1), MOEGEN_FLUSH (read | write: L2Flush)."""
+MOEGEN_BREAKDOWN_TOKENS (default 1), MOEGEN_FLUSH (read | write: L2Flush), MOEGEN_BREAKDOWN_QUICK=1 (the
+forward alone)."""
 import os
 from pathlib import Path
 
@@ -19,6 +20,7 @@ ART = Path(os.environ.get("MOEGEN_GPU_ARTIFACTS", "gpu-bundle/artifacts"))
 NAMES = os.environ.get("MOEGEN_BREAKDOWN", "qwen3-30b-a3b,gpt-oss-20b").split(",")
 TOKENS = [int(t) for t in os.environ.get("MOEGEN_BREAKDOWN_TOKENS", "1").split(",")]
 REPEATS, REPLAYS = 5, 20
+QUICK = os.environ.get("MOEGEN_BREAKDOWN_QUICK") == "1"  # the whole forward only
 
 print(torch.cuda.get_device_name(), flush=True)
 FLUSH = L2Flush(torch.device("cuda"), os.environ.get("MOEGEN_FLUSH", "read"))  # the bench's (read | write)
@@ -70,6 +72,9 @@ for name in NAMES:
             up_bytes = w13[0].numel() * w13.element_size() * len(set(ids.tolist()))
             down_bytes = w2[0].numel() * w2.element_size() * len(set(ids.tolist()))
             line = [f"{name} T={T} path {n}:"]
+            if QUICK:
+                print(f"{name} T={T} forward {us(lambda: r(x, lg)):.1f}", flush=True)
+                continue
             for s in order:
                 line.append(f"{s} alone {us(chain([s])):.1f}")
             for i in range(2, len(order) + 1):

@@ -133,7 +133,7 @@ def test_tuning_skips_wgmma_candidates_outside_hopper():
     ampere, skipped = tune.filter_candidates(cfgs, shapes, load_target("cuda-sm80"))
     n = sum(c["fitted"]["wgmma"] for c in hopper)
     assert n == 4 and len(ampere) == len(hopper) - n and not any(c["fitted"]["wgmma"] for c in ampere)
-    assert len(skipped) == n and all("wgmma needs a Hopper target (cuda-sm90), not cuda-sm80" in r["why"]
+    assert len(skipped) == n and all("wgmma: true needs a Hopper target (cuda-sm90), not cuda-sm80" in r["why"]
                                      for r in skipped)
 
 
