@@ -291,63 +291,6 @@ def test_decode_unroll_loads_its_k_steps_to_registers_first(tmp_path):
         assert body.index(f"{w}_local_ptr + (int64_t){8 * (unroll - 1)}) =") < body.index("gu_rf" if w == "w13" else "ysum_rf"), fn
 
 
-@pytest.mark.parametrize("ahead", [0, 1, 3])
-def test_decode_prefetch_asks_the_l2_for_batches_ahead(tmp_path, ahead):
-    """decode_prefetch D: in each k range the threadIdx.x 0 thread asks the L2 for the weight rows of
-    batches 0..D at the first batch (one cp.async.bulk.prefetch of (D + 1) batches, capped at the
-    range), then batch r + D at batch r while there is one, before the threads' loads. Up: 32 steps per
-    thread, unroll 8: 4 batches of 8 rows x 64 columns x 2 bytes = 1 KiB, the range 32 rows (4 KiB) at
-    w13[e, tile, ty * 32, 0]; down: 12 steps, unroll 6: 2 batches of 768 bytes. D 0: no prefetch."""
-    import yaml
-
-    from moegen.build import build
-    from moegen.spec import parse_spec
-
-    spec = parse_spec({"name": "prefetch", "dtype": "bfloat16", "hidden_size": 256, "intermediate_size": 96,
-                       "num_experts": 8, "top_k": 2})
-    cfg = {"block_m": 1, "block_n_up": 64, "block_n_down": 64, "combine_n": 128, "gather_rows": False,
-           "grid_blocks": True, "split_k": 8, "vector_loads": True, "sort": False, "dispatch_threads": 256,
-           "y_model_dtype": True, "decode_unroll": 8, "decode_prefetch": ahead}
-    sched = tmp_path / "s.yaml"
-    sched.write_text(yaml.safe_dump({"paths": [{"name": "d", "max_rows_per_expert": None, "experts": cfg}]}))
-    src = (build(spec, "cuda-sm90", tmp_path, golden=False, schedules=sched) / "moe.cu").read_text()
-    call = "tvm_builtin_ptx_cp_async_bulk_prefetch_async_bulk_prefetch_L2_global("
-    for fn, w, batches, batch_bytes, range_rows in (("experts_up_d", "w13", 4, 1024, 32),
-                                                    ("experts_down_d", "w2", 2, 768, 12)):
-        k = _kernel(src, fn)
-        issued = re.findall(re.escape(call) + r"\(&\(" + w + r"_ptr\[(.*?)\]\)\), \(uint\)(\d+)\)", k)
-        if not ahead:
-            assert call not in k, fn
-            continue
-        first = min(ahead + 1, batches) * batch_bytes
-        sizes = [int(n) for _, n in issued]
-        assert sizes[0] == first and all(n == batch_bytes for n in sizes[1:]), (fn, sizes)
-        assert len(issued) == (1 if ahead + 1 >= batches else 2), (fn, issued)
-        assert f"(((int64_t)threadIdx.y) * (int64_t){range_rows * 64})" in issued[0][0], (fn, issued[0][0])
-        assert "if (((int64_t)threadIdx.x) == (int64_t)0) {" in k[:k.index(call)].rsplit("for (", 1)[1], fn  # one thread
-        assert k.index(call) < k.index(f"*(uint4*)({w}_ptr + "), fn  # before the threads' loads
-
-
-def test_decode_prefetch_is_refused_off_hopper(tmp_path):
-    """cp.async.bulk is an sm_90 instruction: a cuda-sm80 build of a schedule with decode_prefetch says
-    so in one line and leaves nothing behind."""
-    import yaml
-
-    from moegen.build import build
-    from moegen.schedule.config import ScheduleError
-    from moegen.spec import load_spec
-
-    cfg = {"block_m": 1, "block_n_up": 64, "block_n_down": 64, "combine_n": 128, "gather_rows": False,
-           "grid_blocks": True, "split_k": 8, "vector_loads": True, "sort": False, "decode_unroll": 4,
-           "decode_prefetch": 2}
-    sched = tmp_path / "s.yaml"
-    sched.write_text(yaml.safe_dump({"paths": [{"name": "d", "max_rows_per_expert": None, "experts": cfg}]}))
-    with pytest.raises(ScheduleError, match=r"paths \(d\)\.experts\.decode_prefetch: 2 needs a Hopper target "
-                                            r"\(cuda-sm90\), not cuda-sm80"):
-        build(load_spec(SPECS / "tiny.yaml"), "cuda-sm80", tmp_path, golden=False, schedules=sched)
-    assert not list(tmp_path.glob("tiny/cuda-sm80*"))
-
-
 def test_decode_unroll_limits():
     """config_ok: decode_unroll 1-16, and 16 bytes of registers per unrolled step for every thread of the
     block must fit the multiprocessor's registers; the CPU and tensor-core paths ignore it."""

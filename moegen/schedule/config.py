@@ -51,11 +51,6 @@ class ExpertsConfig:
     # vector_loads: k steps a thread unrolls (its 16-byte loads in flight together; fitted down to a
     # divisor of each GEMM's steps per thread). 1: one load in flight per thread, as before session 7
     decode_unroll: int = 1
-    # vector_loads on sm_90+ (decode_unroll > 1): k batches (decode_unroll steps each) of weight rows a
-    # thread block asks the L2 to fetch ahead of its threads' loads (cp.async.bulk.prefetch.L2, one
-    # thread per k range: schedule.cuda._prefetch_weights). 0: none; the threads' own loads then are
-    # all the bytes in flight
-    decode_prefetch: int = 0
     # no sort (block_m 1, grid_blocks): slot s is block s, routing writes the dispatch buffers itself
     # (kernels/routing.py route_dispatch) and no dispatch kernel runs; blocks of another EP rank's
     # experts exit at once. Each slot streams its expert's weights: for paths with well under one row
@@ -271,8 +266,6 @@ def _vector_ok(cfg: ExpertsConfig, shapes: ExpertShapes) -> str | None:
         return f"vector_loads needs block_m 1 and split_k > 1, not block_m {cfg.block_m} split_k {cfg.split_k}"
     if not 1 <= cfg.decode_unroll <= DECODE_UNROLL_MAX:
         return f"vector_loads: decode_unroll {cfg.decode_unroll} must be 1 to {DECODE_UNROLL_MAX} k steps"
-    if cfg.decode_prefetch < 0:
-        return f"vector_loads: decode_prefetch {cfg.decode_prefetch} must be >= 0 k batches"
     for field, n in (("block_n_up", cfg.block_n_up), ("block_n_down", cfg.block_n_down)):
         if n % vec or (n // vec) * cfg.split_k > 1024:
             return f"vector_loads: {field} {n} must be a multiple of {vec}, with ({n} / {vec}) * split_k <= 1024 threads"
@@ -284,13 +277,10 @@ def _vector_ok(cfg: ExpertsConfig, shapes: ExpertShapes) -> str | None:
 
 
 def target_ok(cfg: ExpertsConfig, target) -> str | None:
-    """What a config asks of the target's GPU beyond config_ok, or None: wgmma and decode_prefetch
-    (cp.async.bulk) are Hopper instructions (targets/cuda-sm90.yaml: wgmma: true)."""
-    hopper = bool(target.extra.get("wgmma"))
-    if cfg.wgmma and not hopper:
+    """What a config asks of the target's GPU beyond config_ok, or None: wgmma is a Hopper instruction
+    (targets/cuda-sm90.yaml: wgmma: true)."""
+    if cfg.wgmma and not target.extra.get("wgmma"):
         return f"wgmma: true needs a Hopper target (cuda-sm90), not {target.name}"
-    if cfg.vector_loads and cfg.decode_prefetch and not hopper:
-        return f"decode_prefetch: {cfg.decode_prefetch} needs a Hopper target (cuda-sm90), not {target.name}"
     return None
 
 

@@ -105,7 +105,7 @@ def experts_up(func, name: str, cfg: ExpertsConfig) -> s_tir.Schedule:
         return _exit_past_blocks(sch, name, cfg)
     if cfg.vector_loads:  # decode: 16-byte weight loads, split-K partials through shared memory
         _split_k_vector_gemm(sch, name, cfg, cfg.block_n_up, _vector(func), "act")
-        return _prefetch_weights(_exit_past_blocks(sch, name, cfg), name, cfg.decode_prefetch)
+        return _exit_past_blocks(sch, name, cfg)
     act = sch.get_sblock("act", func_name=name)
     if cfg.split_k > 1:
         # the cross-thread reduction leaves each column's sum with one thread; the activation pairs
@@ -132,7 +132,7 @@ def experts_down(func, name: str, cfg: ExpertsConfig) -> s_tir.Schedule:
         return _exit_past_blocks(sch, name, cfg)
     if cfg.vector_loads:
         _split_k_vector_gemm(sch, name, cfg, cfg.block_n_down, _vector(func), "scale")
-        return _prefetch_weights(_exit_past_blocks(sch, name, cfg), name, cfg.decode_prefetch)
+        return _exit_past_blocks(sch, name, cfg)
     _tile_gemm(sch, name, "gemm", "local", cfg.split_k)
     scale = sch.get_sblock("scale", func_name=name)
     *_, m, c = sch.get_loops(scale)
@@ -419,77 +419,6 @@ def _split_k_vector_gemm(sch: s_tir.Schedule, name: str, cfg: ExpertsConfig, blo
     _, ety, etx = sch.split(sch.fuse(*sch.get_loops(ep)[2:]), [None, ty_n, tx_n])
     sch.bind(ety, "threadIdx.y")
     sch.bind(etx, "threadIdx.x")
-
-
-def _prefetch_weights(sch: s_tir.Schedule, name: str, ahead: int) -> s_tir.Schedule:
-    """decode_prefetch (sm_90): in each thread's k range, the weight rows of `ahead` batches (a batch:
-    the decode_unroll k steps one iteration of the batch loop copies to registers) are asked of the L2
-    before the threads load them, by one thread per k range with cp.async.bulk.prefetch.L2: batches
-    0 .. ahead in the first iteration, batch r + ahead in iteration r. A batch's rows are contiguous in
-    the packed tile ([.., Hp | I, BN]: BN columns per row), so one instruction covers it, and the bytes
-    in flight no longer stop at the threads' registers. Placed on the finished schedule: the batch loop
-    is the serial loop around the weight copy (weight_local: unrolled rows, vectorized columns); a
-    kernel without that copy (decode_unroll fitted to 1) is left as it is."""
-    import tvm_ffi
-    from tvm.s_tir import SBlockRealize
-    from tvm.script import tirx as T
-    from tvm.tirx import Evaluate, For, ForKind, IfThenElse, IntImm, SeqStmt, Var
-
-    if ahead <= 0:
-        return sch
-    func = sch.mod[name]
-    weight = _loaded_buffer(func, ("w13", "w2"))
-    found = []
-    loops: list = []
-
-    def on_for(node, visitor):
-        loops.append(node)
-        visitor.default_visit(node)
-        loops.pop()
-
-    def on_realize(node, visitor):
-        if node.block.name_hint == f"{weight.name}_local":
-            found.append((list(loops), node))
-        visitor.default_visit(node)
-
-    tvm_ffi.structural_visit(func.body, [(For, on_for), (SBlockRealize, on_realize)])
-    if not found:
-        return sch
-    (stack, realize), = found
-    batch, rows, cols = stack[-3:]
-    tx = next(f for f in stack if f.thread_binding is not None and f.thread_binding.thread_tag == "threadIdx.x")
-    assert (batch.kind, rows.kind, cols.kind) == (ForKind.SERIAL, ForKind.UNROLLED, ForKind.VECTORIZED), \
-        f"{name}: the weight copy is not in the loops _split_k_vector_gemm makes"
-    n, rows_per_batch = int(batch.extent), int(rows.extent)
-    row_bytes = int(weight.shape[-1]) * weight.dtype.bits // 8  # a packed tile's row: BN columns
-    load = realize.block.body.value  # weight[v0, v1, v2, v3], block variables
-    in_loops = {v.var: e for v, e in zip(realize.block.iter_vars, realize.iter_values)}
-
-    def substitute(expr, mapping):
-        return tvm_ffi.structural_map(expr, (Var, lambda v: next((e for k, e in mapping.items() if v.same_as(k)), v)))
-
-    def address(first_batch):
-        """The first element of batch `first_batch`'s rows in the k range of this thread's threadIdx.y."""
-        at = {v: IntImm(str(v.ty), e) if isinstance(e, int) else e for v, e in
-              ((rows.loop_var, 0), (cols.loop_var, 0), (tx.loop_var, 0), (batch.loop_var, first_batch))}
-        return T.address_of(weight[tuple(substitute(substitute(i, in_loops), at) for i in load.indices)])
-
-    def prefetch(first_batch, batches):
-        size = T.uint32(batches * rows_per_batch * row_bytes)
-        return Evaluate(T.ptx.cp.async_.bulk.prefetch.L2.global_(address(first_batch), size))
-
-    r = batch.loop_var
-    first = prefetch(0, min(ahead + 1, n))
-    step = IfThenElse(r + ahead < n, prefetch(r + ahead, 1), None) if ahead < n else None
-    issue = IfThenElse(tx.loop_var == 0, IfThenElse(r == 0, first, step), None)
-
-    def insert(stmt):
-        if not stmt.loop_var.same_as(r):
-            return stmt
-        return For(stmt.loop_var, stmt.min, stmt.extent, stmt.kind, SeqStmt([issue, stmt.body]),
-                   stmt.thread_binding, stmt.annotations)
-
-    return _schedule(func.with_body(tvm_ffi.structural_map(func.body, (For, insert))), name)
 
 
 # ---- weight packing (kernels/pack.py) ------------------------------------------------------------
