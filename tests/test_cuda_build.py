@@ -88,6 +88,30 @@ def test_gpu_decode_routing_ranks_with_a_thread_per_expert(artifact):
         assert "pick_w" in routing[:routing.find('extern "C" __global__')]
 
 
+@pytest.mark.parametrize("E, K, router", [
+    (8, 2, {}), (60, 4, {"renormalize": False}), (33, 3, {"scoring": "sigmoid", "routed_scaling_factor": 2.5}),
+    (256, 8, {"scoring": "sigmoid", "correction_bias": True, "num_expert_group": 8, "topk_group": 4,
+              "routed_scaling_factor": 2.5}),
+    (64, 6, {"num_expert_group": 4, "topk_group": 2, "renormalize": False}),
+])
+def test_rank_routing_compiles_for_every_router_option(E, K, router):
+    """routing_rank_func lowers to CUDA for experts that fill warps or not, with and without
+    renormalising, sigmoid scores, grouped top-k with a best-two group score or a best one (the numbers:
+    scripts/gpu_check.py's route_dispatch check on a GPU)."""
+    import tvm
+
+    from moegen.kernels.routing import routing_rank_func
+    from moegen.schedule import cuda
+    from moegen.spec import RouterSpec
+
+    for dispatch in (True, False):
+        name = "route_dispatch" if dispatch else "routing"
+        sch = cuda.routing_warps(routing_rank_func(E, K, RouterSpec(**router), dispatch), name)
+        ex = tvm.compile(tvm.IRModule({name: sch.mod[name]}), target=tvm.target.Target({"kind": "cuda", "arch": "sm_90"}))
+        src = ex.mod.imports[0].inspect_source()
+        assert f"__launch_bounds__({(E + 31) // 32 * 32}) {name}_kernel" in src
+
+
 # ---- tensor cores ----------------------------------------------------------------------------------
 
 MMA_PTX = "mma.sync.aligned.m16n8k16.row.col.f32.{ab}.{ab}.f32"

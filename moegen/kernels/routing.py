@@ -416,20 +416,21 @@ def routing_rank_func(num_experts: int, top_k: int, router: RouterSpec, dispatch
             T.tvm_storage_sync("shared")
         _rank(ch, 0, k_TH, v[1], tx, rk, 0, v, 4)
         if rk[0] < k_K:
-            picked[rk[0]] = v[0]
             topk_ids[bx, rk[0]] = tx
-        T.tvm_storage_sync("shared")
-        if rk[0] < k_K:
-            if k_renorm:  # the picks' scores summed in pick order, as routing_func
+            if k_dispatch:
+                _identity_dispatch(bx, rk[0], k_K, tok, tx, expert_map, sorted_ids, block_expert, num_blocks,
+                                   slot_pos)
+            if k_renorm:
+                picked[rk[0]] = v[0]
+            else:
+                topk_weights[bx, rk[0]] = v[0] * T.float32(k_scale)
+        if k_renorm:  # the picks' scores summed in pick order, as routing_func
+            T.tvm_storage_sync("shared")
+            if rk[0] < k_K:
                 v[2] = T.float32(0)
                 for k in range(k_K):
                     v[2] = v[2] + picked[k]
                 topk_weights[bx, rk[0]] = v[0] / v[2] * T.float32(k_scale)
-            else:
-                topk_weights[bx, rk[0]] = v[0] * T.float32(k_scale)
-            if k_dispatch:
-                _identity_dispatch(bx, rk[0], k_K, tok, tx, expert_map, sorted_ids, block_expert, num_blocks,
-                                   slot_pos)
 
     return _route_dispatch(route, k_E, k_K, tok) if k_dispatch else _routing(route, k_E, k_K, tok)
 
