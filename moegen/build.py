@@ -217,6 +217,12 @@ def widen_copy_offsets(source: str) -> str:
 #      same early trigger on the sorted paths' kernels lost 4-9% (gpt-oss-20b at 16 tokens, the
 #      warp-specialised layers at 4096), and wait-only (1, 2) was equal or faster in 23 of 24 cells (the
 #      24th within that cell's run-to-run spread).
+#   4. a kernel that calls GRID_WAIT itself (schedule.cuda._wait_after_first_weights: the decode down
+#      GEMV, which loads its first weights before it waits) gets no wait at entry; GRID_WAIT_DEFINITION
+#      defines the call in every CUDA source (an empty function where programmatic_launch is off).
+GRID_WAIT_DEFINITION = ("__device__ __forceinline__ void moegen_grid_wait() {{{}}}  "
+                        "// moegen: schedule.cuda.GRID_WAIT\n")
+_GRID_WAIT_ASM = ' asm volatile("griddepcontrol.wait;" ::: "memory"); '
 _KERNEL_ENTRY = re.compile(r'^(extern "C" __global__ void (?:__launch_bounds__\(\d+\) )?(\w+?)_kernel(?:_\d+)?\([^;{]*\) \{)$',
                            re.M)
 _PDL_WAIT = '\n  asm volatile("griddepcontrol.wait;" ::: "memory");  // moegen: programmatic dependent launch'
@@ -240,8 +246,12 @@ def add_programmatic_launch(source: str, early: frozenset[str] = frozenset()) ->
     functions named in `early` also trigger the next launch at entry. Raises when TVM's generated source
     no longer has the launch helper or the kernel entries this rewrites."""
     kernels = len(re.findall(r'^extern "C" __global__ void [^;]*\{$', source, re.M))
-    patched, n = _KERNEL_ENTRY.subn(
-        lambda m: m.group(1) + _PDL_WAIT + (_PDL_TRIGGER if m.group(2) in early else ""), source)
+
+    def entry(m):
+        waits_inside = "moegen_grid_wait();" in source[m.end():source.find("\n}\n", m.end())]
+        return m.group(1) + ("" if waits_inside else _PDL_WAIT) + (_PDL_TRIGGER if m.group(2) in early else "")
+
+    patched, n = _KERNEL_ENTRY.subn(entry, source)
     if n == 0 or n != kernels or source.count(_LAUNCH_HELPER) != 1:
         raise RuntimeError(f"programmatic launch: TVM's CUDA source changed shape ({n} of {kernels} kernel "
                            f"entries, {source.count(_LAUNCH_HELPER)} launch helpers); see build._KERNEL_ENTRY")
@@ -273,6 +283,7 @@ def export_library(ex, target: TargetInfo, out: Path, arch_specific: bool = Fals
 
     source = widen_copy_offsets(export_cuda_host(ex.mod))
     pdl = {}
+    source = GRID_WAIT_DEFINITION.format(_GRID_WAIT_ASM if target.extra.get("programmatic_launch") else "") + source
     if target.extra.get("programmatic_launch"):
         source = add_programmatic_launch(source, early)
         pdl = {"programmatic_launch": {"early_trigger": sorted(early)}}

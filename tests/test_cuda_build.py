@@ -434,9 +434,17 @@ def test_kernels_launch_programmatically_on_hopper_only(target, artifact):
     early = early_trigger(m["paths"])
     if hopper := target == "cuda-sm90":  # the shipped t1 path is the vector decode
         assert {"route_dispatch_t1", "experts_up_t1", "experts_down_t1", "combine_t1"} <= early
+    inside = {"experts_down_t1"}  # the decode down GEMV waits after its first weights (its own call)
     for name, first, second in entries:
-        assert ("griddepcontrol.wait;" in first) == hopper, name
-        assert ("griddepcontrol.launch_dependents;" in second) == (hopper and name in early), name
+        assert ("griddepcontrol.wait;" in first) == (hopper and name not in inside), name
+        trigger = first if name in inside else second
+        assert ("griddepcontrol.launch_dependents;" in trigger) == (hopper and name in early), name
+    wait = ' asm volatile("griddepcontrol.wait;" ::: "memory"); ' if hopper else ""
+    assert src.startswith(f"__device__ __forceinline__ void moegen_grid_wait() {{{wait}}}")
+    for name in inside if hopper else ():  # between the first batch's weight loads and the first read of act
+        k = _kernel(src, name)
+        assert k.count("moegen_grid_wait();") == 1
+        assert k.index("*(uint4*)(w2_ptr + ") < k.index("moegen_grid_wait();") < k.index("act_ptr[")
     assert not hopper or early <= {name for name, _, _ in entries}  # the decode path's kernels are there
     assert src.count("programmaticStreamSerializationAllowed = 1") == (1 if hopper else 0)
     # the manifest says how the kernels launch
@@ -465,3 +473,16 @@ def test_programmatic_launch_names_split_kernels_by_their_function():
     assert all("griddepcontrol.wait;" in b.splitlines()[1] for b in bodies)
     assert ["launch_dependents" in b for b in bodies] == [True, True, False]
     assert "programmaticStreamSerializationAllowed = 1" in out and _LAUNCH_HELPER not in out
+
+
+def test_programmatic_launch_leaves_the_wait_to_kernels_that_call_it():
+    """A kernel that calls moegen_grid_wait() in its body (the decode down GEMV) gets no wait at entry,
+    still its early trigger; the kernel after it is unaffected."""
+    from moegen.build import _LAUNCH_HELPER, add_programmatic_launch
+
+    src = ('extern "C" __global__ void experts_down_t1_kernel(float* a) {\n  a[0] = 1;\n  moegen_grid_wait();\n'
+           '  a[1] = a[2];\n}\n'
+           'extern "C" __global__ void combine_t1_kernel(float* a) {\n  a[2] = 1;\n}\n' + _LAUNCH_HELPER)
+    down, combine = add_programmatic_launch(src, frozenset({"experts_down_t1"})).split('extern "C" __global__ void ')[1:]
+    assert "griddepcontrol.wait;" not in down and down.splitlines()[1].endswith('"griddepcontrol.launch_dependents;" ::: "memory");')
+    assert "griddepcontrol.wait;" in combine.splitlines()[1] and "launch_dependents" not in combine

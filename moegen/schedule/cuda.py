@@ -132,7 +132,7 @@ def experts_down(func, name: str, cfg: ExpertsConfig) -> s_tir.Schedule:
         return _exit_past_blocks(sch, name, cfg)
     if cfg.vector_loads:
         _split_k_vector_gemm(sch, name, cfg, cfg.block_n_down, _vector(func), "scale")
-        return _exit_past_blocks(sch, name, cfg)
+        return _wait_after_first_weights(_exit_past_blocks(sch, name, cfg), name)
     _tile_gemm(sch, name, "gemm", "local", cfg.split_k)
     scale = sch.get_sblock("scale", func_name=name)
     *_, m, c = sch.get_loops(scale)
@@ -419,6 +419,60 @@ def _split_k_vector_gemm(sch: s_tir.Schedule, name: str, cfg: ExpertsConfig, blo
     _, ety, etx = sch.split(sch.fuse(*sch.get_loops(ep)[2:]), [None, ty_n, tx_n])
     sch.bind(ety, "threadIdx.y")
     sch.bind(etx, "threadIdx.x")
+
+
+# The grid dependency wait of programmatic dependent launch, as a call the build defines per target
+# (build.GRID_WAIT_DEFINITION: griddepcontrol.wait with programmatic_launch, nothing without). A kernel
+# that calls it gets no wait at its entry (build.add_programmatic_launch).
+GRID_WAIT = "moegen_grid_wait"
+
+
+def _wait_after_first_weights(sch: s_tir.Schedule, name: str) -> s_tir.Schedule:
+    """The decode down GEMV (vector_loads) copies its first batch of weights to registers before it
+    waits for the up GEMV's grid: the weights and the block's expert (block_expert, written by
+    route_dispatch, which finished before the up GEMV's blocks passed their own wait and let this grid
+    launch) do not depend on the up GEMV; act, the only input it writes, is read after the wait. So the
+    first loads overlap the up GEMV's last blocks instead of starting after them (H100, docs/perf.md,
+    session 9: 1-3 us a one-token layer). The wait goes between the weight copy and the sums of the
+    first batch; a kernel without the copy (decode_unroll fitted to 1) keeps its wait at entry."""
+    import tvm_ffi
+    from tvm.s_tir import SBlockRealize
+    from tvm.script import tirx as T
+    from tvm.tirx import Evaluate, For, IfThenElse, IntImm, SeqStmt
+
+    func = sch.mod[name]
+    copy = f"{_loaded_buffer(func, ('w2',)).name}_local"
+    found: list = []
+    loops: list = []
+
+    def on_for(node, visitor):
+        loops.append(node)
+        visitor.default_visit(node)
+        loops.pop()
+
+    def on_realize(node, visitor):
+        if node.block.name_hint == copy:
+            found.append(list(loops))
+        visitor.default_visit(node)
+
+    tvm_ffi.structural_visit(func.body, [(For, on_for), (SBlockRealize, on_realize)])
+    if not found:
+        return sch
+    (stack,) = found
+    batch = stack[-3]  # the batch loop, around the copy's (rows, vector) loops
+    body = batch.body
+    assert isinstance(body, SeqStmt) and len(body.seq) == 2 and body.seq[0].same_as(stack[-2]), \
+        f"{name}: the batch loop is not (weight copy, sums) as _split_k_vector_gemm makes it"
+    first = batch.loop_var == IntImm(str(batch.loop_var.ty), 0)
+    wait = IfThenElse(first, Evaluate(T.call_extern("void", GRID_WAIT)), None)
+
+    def insert(stmt):
+        if not stmt.loop_var.same_as(batch.loop_var):
+            return stmt
+        return For(stmt.loop_var, stmt.min, stmt.extent, stmt.kind, SeqStmt([body.seq[0], wait, body.seq[1]]),
+                   stmt.thread_binding, stmt.annotations)
+
+    return _schedule(func.with_body(tvm_ffi.structural_map(func.body, (For, insert))), name)
 
 
 # ---- weight packing (kernels/pack.py) ------------------------------------------------------------
