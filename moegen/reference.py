@@ -21,7 +21,8 @@ from .spec import MoESpec, RouterSpec
 def _top(values: torch.Tensor, k: int) -> torch.Tensor:
     """Indices of the k largest along the last dim, largest first, the lower index first among equal
     values (the kernels' order: torch.topk leaves ties unordered)."""
-    return values.sort(dim=-1, descending=True, stable=True).indices[..., :k]
+    top = values.sort(dim=-1, descending=True, stable=True).indices[..., :k]
+    return top.new_empty(top.shape).copy_(top)  # compact strides, even with no rows (kernels check them)
 
 
 def route_ref(logits: torch.Tensor, router: RouterSpec, top_k: int,
