@@ -5,18 +5,13 @@ root on a GPU box: MOEGEN_BREAKDOWN (default qwen3-30b-a3b,gpt-oss-20b), MOEGEN_
 MOEGEN_BREAKDOWN_TOKENS (default 1), MOEGEN_FLUSH (read | write: L2Flush), MOEGEN_BREAKDOWN_QUICK=1 (the
 forward alone)."""
 import os
-from pathlib import Path
 
 import torch
 
-from moegen.artifact import read_manifest
+from gpu_layers import layer_inputs, load_layer
 from moegen.bench_cuda import L2Flush, time_graph
-from moegen.reference import random_weights
-from moegen.runtime import MoERunner
 from moegen.runtime.runner import pick_path
-from moegen.spec import spec_from_dict
 
-ART = Path(os.environ.get("MOEGEN_GPU_ARTIFACTS", "gpu-bundle/artifacts"))
 NAMES = os.environ.get("MOEGEN_BREAKDOWN", "qwen3-30b-a3b,gpt-oss-20b").split(",")
 TOKENS = [int(t) for t in os.environ.get("MOEGEN_BREAKDOWN_TOKENS", "1").split(",")]
 REPEATS, REPLAYS = 5, 20
@@ -34,12 +29,9 @@ def us(fn):
 tiny = torch.zeros(256, device="cuda")
 print(f"graph of one tiny kernel: {us(lambda: tiny.add_(1)):.1f} us", flush=True)
 for name in NAMES:
-    root = ART / name / "cuda-sm90"
-    spec = spec_from_dict(read_manifest(root)["spec"])
-    r = MoERunner.load(root, random_weights(spec, 1, device="cuda"), device="cuda")
+    spec, r = load_layer(name)
     for T in TOKENS:
-        x = torch.randn(T, spec.hidden_size, device="cuda").to(getattr(torch, spec.dtype))
-        lg = torch.randn(T, spec.num_experts, device="cuda")
+        x, lg = layer_inputs(spec, T)
         path = pick_path(r.paths, T, spec.top_k, spec.local_experts)
         c, n = path["config"], path["name"]
         w13, b13, w2, b2 = r._packed[(c["block_n_up"], c["block_n_down"])]

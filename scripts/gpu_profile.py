@@ -1,25 +1,19 @@
 """Per-kernel GPU time of one forward (torch.profiler) of real-size artifacts; from the repo root.
+With programmatic dependent launch (cuda-sm90) a kernel's span includes its wait for the kernel before it:
+scripts/decode_breakdown.py times the chain instead.
 MOEGEN_PROFILE: comma list of artifact names in MOEGEN_GPU_ARTIFACTS (default qwen3-30b-a3b);
 MOEGEN_PROFILE_TOKENS: token counts (default 1,16,64,256)."""
 import os, torch
-from pathlib import Path
 from torch.profiler import profile, ProfilerActivity
-from moegen.runtime import MoERunner
-from moegen.reference import random_weights
-from moegen.spec import spec_from_dict
-from moegen.artifact import read_manifest
+from gpu_layers import layer_inputs, load_layer
 
-ART = Path(os.environ.get("MOEGEN_GPU_ARTIFACTS", "gpu-bundle/artifacts"))
 NAMES = os.environ.get("MOEGEN_PROFILE", "qwen3-30b-a3b").split(",")
 TOKENS = [int(t) for t in os.environ.get("MOEGEN_PROFILE_TOKENS", "1,16,64,256").split(",")]
 print(torch.cuda.get_device_name())
 for name in NAMES:
-    root = ART / name / "cuda-sm90"
-    spec = spec_from_dict(read_manifest(root)["spec"])
-    r = MoERunner.load(root, random_weights(spec, 1, device="cuda"), device="cuda")
+    spec, r = load_layer(name)
     for T in TOKENS:
-        x = torch.randn(T, spec.hidden_size, device="cuda").to(getattr(torch, spec.dtype))
-        lg = torch.randn(T, spec.num_experts, device="cuda")
+        x, lg = layer_inputs(spec, T)
         for _ in range(3): r(x, lg)
         torch.cuda.synchronize()
         with profile(activities=[ProfilerActivity.CUDA]) as prof:

@@ -1,0 +1,26 @@
+"""What the GPU scripts (gpu_profile, decode_breakdown, decode_forward) share: a real-size layer of the
+bundle on the GPU with random weights, and random inputs for it. Imported from scripts/ run as files."""
+import os
+from pathlib import Path
+
+import torch
+
+from moegen.artifact import read_manifest
+from moegen.reference import random_weights
+from moegen.runtime import MoERunner
+from moegen.spec import spec_from_dict
+
+ART = Path(os.environ.get("MOEGEN_GPU_ARTIFACTS", "gpu-bundle/artifacts"))
+
+
+def load_layer(name: str, target: str = "cuda-sm90"):
+    """(spec, MoERunner) of ART/<name>/<target>, weights drawn on the GPU (seed 1)."""
+    root = ART / name / target
+    spec = spec_from_dict(read_manifest(root)["spec"])
+    return spec, MoERunner.load(root, random_weights(spec, 1, device="cuda"), device="cuda")
+
+
+def layer_inputs(spec, T: int):
+    """hidden_states [T, H] in the spec's dtype and fp32 router logits [T, E], random, on the GPU."""
+    x = torch.randn(T, spec.hidden_size, device="cuda").to(getattr(torch, spec.dtype))
+    return x, torch.randn(T, spec.num_experts, device="cuda")
