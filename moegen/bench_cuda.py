@@ -465,10 +465,9 @@ def run_bench_cuda(target: str, shapes: list[str], tokens: list[int], artifacts_
         raise SpecError("--contenders", ",".join(names), ",".join(CONTENDERS) + " (any subset)")
     if repeats < 1 or replays < 1:
         raise SpecError("--repeats/--replays", (repeats, replays), "integers >= 1")
-    if l2_flush not in L2_FLUSH_MODES:
-        raise SpecError("--l2-flush", l2_flush, " | ".join(L2_FLUSH_MODES))
     resolved = [resolve_shape(s, Path(artifacts_dir), target) for s in shapes]  # all checked before the long part
     device = torch.device("cuda", torch.cuda.current_device())
+    flush = L2Flush(device, l2_flush)  # (its mode checked here too)
     if "triton" in names:
         try:
             import triton  # noqa: F401
@@ -487,7 +486,6 @@ def run_bench_cuda(target: str, shapes: list[str], tokens: list[int], artifacts_
     echo(f"{torch.cuda.get_device_name(device)}: measuring ceilings")
     ceilings = measure_ceilings(device)
     echo(ceilings_line(ceilings))
-    flush = L2Flush(device, l2_flush)
     echo(f"timing: CUDA graphs, median of {repeats}x{replays} replays (fewer, at least {MIN_TIMED}, past "
          f"{TIME_BUDGET_S:.0f} s), each after an L2 flush ({flush.nbytes >> 20} MiB "
          f"{'read' if l2_flush == 'read' else 'written'}); also back-to-back (hot)")

@@ -17,6 +17,7 @@ from typing import Callable
 
 from . import __version__
 from .artifact import FORMAT_VERSION, MANIFEST, TOLERANCES, hash_files, save_tensor, weights_digest
+from .schedule import GRID_WAIT
 from .spec import MoESpec
 from .targets import TargetInfo, load_target
 
@@ -220,8 +221,7 @@ def widen_copy_offsets(source: str) -> str:
 #   4. a kernel that calls GRID_WAIT itself (schedule.cuda._wait_after_first_weights: the decode down
 #      GEMV, which loads its first weights before it waits) gets no wait at entry; GRID_WAIT_DEFINITION
 #      defines the call in every CUDA source (an empty function where programmatic_launch is off).
-GRID_WAIT_DEFINITION = ("__device__ __forceinline__ void moegen_grid_wait() {{{}}}  "
-                        "// moegen: schedule.cuda.GRID_WAIT\n")
+GRID_WAIT_DEFINITION = f"__device__ __forceinline__ void {GRID_WAIT}() {{{{{{}}}}}}  // moegen: schedule.GRID_WAIT\n"
 _GRID_WAIT_ASM = ' asm volatile("griddepcontrol.wait;" ::: "memory"); '
 _KERNEL_ENTRY = re.compile(r'^(extern "C" __global__ void (?:__launch_bounds__\(\d+\) )?(\w+?)_kernel(?:_\d+)?\([^;{]*\) \{)$',
                            re.M)
@@ -248,7 +248,7 @@ def add_programmatic_launch(source: str, early: frozenset[str] = frozenset()) ->
     kernels = len(re.findall(r'^extern "C" __global__ void [^;]*\{$', source, re.M))
 
     def entry(m):
-        waits_inside = "moegen_grid_wait();" in source[m.end():source.find("\n}\n", m.end())]
+        waits_inside = f"{GRID_WAIT}();" in source[m.end():source.find("\n}\n", m.end())]
         return m.group(1) + ("" if waits_inside else _PDL_WAIT) + (_PDL_TRIGGER if m.group(2) in early else "")
 
     patched, n = _KERNEL_ENTRY.subn(entry, source)

@@ -22,6 +22,7 @@ from __future__ import annotations
 import tvm
 from tvm import s_tir
 
+from . import GRID_WAIT
 from .config import ExpertsConfig, PackConfig, fit_divisor
 from .cpu import _schedule
 
@@ -419,12 +420,6 @@ def _split_k_vector_gemm(sch: s_tir.Schedule, name: str, cfg: ExpertsConfig, blo
     _, ety, etx = sch.split(sch.fuse(*sch.get_loops(ep)[2:]), [None, ty_n, tx_n])
     sch.bind(ety, "threadIdx.y")
     sch.bind(etx, "threadIdx.x")
-
-
-# The grid dependency wait of programmatic dependent launch, as a call the build defines per target
-# (build.GRID_WAIT_DEFINITION: griddepcontrol.wait with programmatic_launch, nothing without). A kernel
-# that calls it gets no wait at its entry (build.add_programmatic_launch).
-GRID_WAIT = "moegen_grid_wait"
 
 
 def _wait_after_first_weights(sch: s_tir.Schedule, name: str) -> s_tir.Schedule:
