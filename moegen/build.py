@@ -132,7 +132,8 @@ def scheduled_module(spec: MoESpec, target: TargetInfo, schedule: dict | None = 
         if why is not None:
             raise ScheduleError(f"schedules file {source}: paths ({name}).experts.{why}")
         if cfg.wgmma:  # Hopper: the kernels name their threads (kernels/experts_wgmma.py)
-            up_tile, down_tile = (kw.WgmmaTile(bm, n, cfg.stages, cfg.group_m, cfg.wgmma_span, cfg.warp_specialized)
+            up_tile, down_tile = (kw.WgmmaTile(bm, n, cfg.stages, cfg.group_m, cfg.wgmma_span, cfg.warp_specialized,
+                                               cfg.wgmma_staged_store)
                                   for n in (cfg.block_n_up, cfg.block_n_down))
             funcs[f"experts_up_{name}"] = rule.experts_wgmma(kw.experts_up_wgmma_func(shapes, up_tile),
                                                              f"experts_up_{name}")

@@ -51,6 +51,9 @@ def test_config_ok_names_the_wgmma_limits():
     assert "routing weight on the input" in config_ok(
         ExpertsConfig(**ok), dataclasses.replace(shapes, weight_on_input=True))
     assert "float16 or bfloat16" in config_ok(ExpertsConfig(**ok), dataclasses.replace(shapes, dtype="float32"))
+    assert "wgmma_staged_store needs the classic loop" in config_ok(
+        ExpertsConfig(**dict(ok, wgmma_staged_store=True, warp_specialized=True)), shapes)
+    assert config_ok(ExpertsConfig(**dict(ok, wgmma_staged_store=True)), shapes) is None
     # three consumer warpgroups and a producer, 128 accumulators each: past a multiprocessor's registers
     relu2 = _shapes("ws/wgmma-ws-relu2-small-fp16")  # Hp 512, I 256
     big = ExpertsConfig(**dict(WG, block_m=192, wgmma_span=2, warp_specialized=True))
@@ -197,8 +200,17 @@ def test_span_and_warp_specialised_kernels(ws_artifact, name):
                 assert flag[0].strip() == "live_ptr[0] = 1;" or c["block_m"] > 64, (fn, flag)
                 assert "mbarrier" not in k and args[-1] == "out", fn
                 assert f"__launch_bounds__({c['block_m'] // 64 * 128}) {fn}_kernel(" in src, fn  # tall: 384
+                # the staged epilogue: the outputs go through the ring, then whole rows to `out` in 16-byte
+                # chunks (adjacent threads along a row) and no 2-byte store to it; a block row holds 256
+                # outputs (gated up: 128), so each thread stores BM * 32 (16) chunks / its threads
+                assert c["wgmma_staged_store"] and "out_ptr[" not in k, fn
+                stores = re.findall(r"\*\(uint4\*\)\(out_ptr \+ .*\) = \*\(uint4\*\)\(ring_ptr \+ ", k)
+                row_chunks = 128 * c["wgmma_span"] // 8 // (2 if fn.startswith("experts_up") and "gptoss" in name else 1)
+                assert len(stores) == c["block_m"] * row_chunks // (c["block_m"] // 64 * 128), (fn, len(stores))
+                # the rows of a padding-only warpgroup are not stored (one warpgroup: every row)
+                assert ("sorted_ids_ptr[(blk_ptr[0] * (int64_t)192)" in k) == (c["block_m"] > 64), fn
                 continue
-            assert "live_ptr" not in k, fn
+            assert "live_ptr" not in k and "uint4" not in k, fn  # registers straight to `out`
             # the persistent grid: the GPU's multiprocessors, a scalar the runner passes last
             assert m["functions"][fn][-1] == {"name": "n_sm", "shape": [], "dtype": "int64"}, fn
             threads = c["block_m"] // 64 * 128 + 128  # consumer warpgroups and the producer

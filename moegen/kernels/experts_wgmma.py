@@ -75,6 +75,10 @@ class WgmmaTile:
     # warp-specialised and persistent: one producer warpgroup fills the ring (cp.async, full/empty
     # mbarriers) while the consumers run the MMAs and the epilogue; n_sm blocks loop over the tiles
     producer: bool = False
+    # classic loop, 16-bit outputs: the epilogue writes the block's outputs into the (then idle) ring and
+    # the block stores them as whole 16-byte row pieces (_stage_out, _store_staged) instead of each
+    # thread storing its accumulators' 2-byte values (8 of every 32-byte sector a warp store touches)
+    staged_store: bool = False
 
     @property
     def mma_n(self) -> int:
@@ -135,6 +139,8 @@ class _Gemm:
         assert self.ka % BK == 0 and (self.nt_packed % t.span == 0), (self.ka, self.nt_packed, t)
         assert (t.block_m * ROW_CHUNKS) % self.loaders == 0  # (B's chunks may split unevenly: b_per)
         assert not s.weight_on_input, "the routing weight on the input is applied by the mma.sync kernels only"
+        assert not self.staged or (t.block_m * self.pitch * 2 <= t.stages * t.stage_bytes
+                                   and self.stage_w % CHUNK == 0), (t, self.stage_w)
 
     kd = property(lambda g: g.s.hidden if g.up else g.s.intermediate)  # the weights' rows
     ka = property(lambda g: g.s.hx if g.up else g.s.intermediate)  # the reduction: A's columns
@@ -155,6 +161,15 @@ class _Gemm:
     apt = property(lambda g: g.tile.block_n // 2)  # ... of them per packed tile
     half = property(lambda g: g.tile.block_n // 2 if g.gated else g.tile.block_n)  # outputs per packed tile
     per = property(lambda g: g.apt // 2 if g.gated else g.apt)  # output accumulators per packed tile
+    # the staged epilogue (WgmmaTile.staged_store): the block's SW = span * half output columns, row r at
+    # r * pitch of the ring (one 16-byte chunk of padding per row: a warp's stores of 8 rows x 4 threads
+    # fall on 32 different banks), stored by every thread as 16-byte chunks, chunks_per of them each
+    staged = property(lambda g: g.tile.staged_store and not g.tile.producer and g.out_dt == g.s.dtype)
+    stage_w = property(lambda g: g.tile.span * g.half)
+    pitch = property(lambda g: g.stage_w + CHUNK)
+    row_chunks = property(lambda g: g.stage_w // CHUNK)
+    chunks_per = property(lambda g: -(-g.tile.block_m * g.row_chunks // g.tile.threads))
+    chunks_even = property(lambda g: g.tile.block_m * g.row_chunks % g.tile.threads == 0)
 
 
 def _wgmma_gemm_func(s: ExpertShapes, tile: WgmmaTile, up: bool, y_dtype: str):
@@ -219,8 +234,7 @@ def _wgmma_gemm_func(s: ExpertShapes, tile: WgmmaTile, up: bool, y_dtype: str):
                     _mma_step(g_mma, acc, g_ACC, base, (k % g_S) * g_STAGE, tx, g_A_BYTES)
                 T.ptx.wgmma.wait_group.sync.aligned(1)  # step k's MMAs run on while step k + 1 starts
             T.ptx.wgmma.wait_group.sync.aligned(0)
-            if live[0] != 0:
-                _epilogue(g, acc, out, bias, topk_weights, tw, sorted_ids, blk, e, nt, tx, n_slots)
+            _classic_epilogue(g, acc, ring, out, bias, topk_weights, tw, sorted_ids, blk, e, nt, tx, n_slots, live)
 
     return gemm
 
@@ -394,6 +408,16 @@ def _mma_step(mma, acc, n_acc, base, stage_off, ct, a_bytes):
 
 
 @T.macro
+def _row_weights(g, topk_weights, tw, sorted_ids, blk, ct, n_slots):
+    """down: the routing weights of consumer thread ct's two rows into tw (up: nothing)."""
+    if not g.up:
+        for h in T.unroll(2):
+            tw[h] = topk_weights[
+                T.min(T.Cast("int64", sorted_ids[blk * g.tile.block_m + _row(ct, h)]), n_slots - 1) // g.s.top_k,
+                T.min(T.Cast("int64", sorted_ids[blk * g.tile.block_m + _row(ct, h)]), n_slots - 1) % g.s.top_k]
+
+
+@T.macro
 def _epilogue(g, acc, out, bias, topk_weights, tw, sorted_ids, blk, e, nt, ct, n_slots):
     """The outputs from the registers of consumer thread ct: accumulator j is row 16 * warp + lane / 4
     + 8 * (j % 4 / 2) of its warpgroup's 64, column 8 * (j / 4) + 2 * (lane % 4) + j % 2 of the MMA;
@@ -401,15 +425,60 @@ def _epilogue(g, acc, out, bias, topk_weights, tw, sorted_ids, blk, e, nt, ct, n
     c + half at jl + apt / 2)."""
     for j in T.unroll(g.acc):  # the accumulators are read only after the last MMA (no hoisting)
         T.cuda.func_call("moegen_fence_acc", acc[j], source_code=FENCE_ACC)
-    if not g.up:
-        for h in T.unroll(2):
-            tw[h] = topk_weights[
-                T.min(T.Cast("int64", sorted_ids[blk * g.tile.block_m + _row(ct, h)]), n_slots - 1) // g.s.top_k,
-                T.min(T.Cast("int64", sorted_ids[blk * g.tile.block_m + _row(ct, h)]), n_slots - 1) % g.s.top_k]
+    _row_weights(g, topk_weights, tw, sorted_ids, blk, ct, n_slots)
     for p in T.unroll(g.tile.span):
         for jl in T.unroll(g.per):
             out[blk * g.tile.block_m + _row(ct, jl % 4 // 2), (nt * g.tile.span + p) * g.half + _col(ct, jl)] = T.Cast(
                 g.out_dt, _value(g, acc, bias, tw, e, nt * g.tile.span + p, p * g.apt, ct, jl))
+
+
+@T.macro
+def _stage_out(g, acc, ring, bias, topk_weights, tw, sorted_ids, blk, e, nt, ct, n_slots):
+    """_epilogue's values into the ring: output column c of block row r at r * pitch + c."""
+    for j in T.unroll(g.acc):
+        T.cuda.func_call("moegen_fence_acc", acc[j], source_code=FENCE_ACC)
+    _row_weights(g, topk_weights, tw, sorted_ids, blk, ct, n_slots)
+    for p in T.unroll(g.tile.span):
+        for jl in T.unroll(g.per):
+            ring[_row(ct, jl % 4 // 2) * g.pitch + p * g.half + _col(ct, jl)] = T.Cast(
+                g.out_dt, _value(g, acc, bias, tw, e, nt * g.tile.span + p, p * g.apt, ct, jl))
+
+
+def _row_has_slots(g, sorted_ids, blk, row, n_slots):
+    """Whether block row `row` belongs to a warpgroup that wrote its rows (_live's test on its first row)."""
+    if g.tile.block_m == WG_ROWS:
+        return True
+    return T.Cast("int64", sorted_ids[blk * g.tile.block_m + row // WG_ROWS * WG_ROWS]) < n_slots
+
+
+@T.macro
+def _store_staged(g, ring, out, sorted_ids, blk, nt, tx, n_slots):
+    """Every thread stores chunks i * threads + tx of the staged rows (row_chunks 16-byte chunks a row,
+    adjacent threads along a row), skipping the rows of warpgroups that had only padding (_live)."""
+    for i in T.unroll(g.chunks_per):
+        if g.chunks_even or i * g.tile.threads + tx < g.tile.block_m * g.row_chunks:
+            if _row_has_slots(g, sorted_ids, blk, (i * g.tile.threads + tx) // g.row_chunks, n_slots):
+                out[blk * g.tile.block_m + (i * g.tile.threads + tx) // g.row_chunks,
+                    T.ramp(nt * g.stage_w + (i * g.tile.threads + tx) % g.row_chunks * CHUNK, 1, CHUNK)] = ring[
+                    T.ramp((i * g.tile.threads + tx) // g.row_chunks * g.pitch
+                           + (i * g.tile.threads + tx) % g.row_chunks * CHUNK, 1, CHUNK)]
+
+
+@T.macro
+def _classic_epilogue(g, acc, ring, out, bias, topk_weights, tw, sorted_ids, blk, e, nt, tx, n_slots, live):
+    """The classic loop's outputs: straight from the registers (_epilogue), or staged through the ring.
+    Staged: once every warpgroup's MMAs are done (the barrier) no copy or MMA reads the ring any more (the
+    last steps issued no copies), the live warpgroups write their outputs into it, and after a second
+    barrier every thread stores 16-byte chunks of whole rows."""
+    if g.staged:
+        T.tvm_storage_sync("shared")
+        if live[0] != 0:
+            _stage_out(g, acc, ring, bias, topk_weights, tw, sorted_ids, blk, e, nt, tx, n_slots)
+        T.tvm_storage_sync("shared")
+        _store_staged(g, ring, out, sorted_ids, blk, nt, tx, n_slots)
+    else:
+        if live[0] != 0:
+            _epilogue(g, acc, out, bias, topk_weights, tw, sorted_ids, blk, e, nt, tx, n_slots)
 
 
 @T.macro

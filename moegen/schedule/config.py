@@ -73,6 +73,10 @@ class ExpertsConfig:
     # full/empty mbarriers) while the block_m / 64 consumer warpgroups run the MMAs and the epilogue; one
     # block per multiprocessor loops over the tiles, so the next tile's loads overlap this one's epilogue
     warp_specialized: bool = False
+    # wgmma, classic loop (not warp_specialized): the epilogue stages the block's 16-bit outputs in the
+    # ring, then stores whole rows in 16-byte chunks (kernels/experts_wgmma.py, WgmmaTile.staged_store);
+    # a down GEMM with an fp32 y (y_model_dtype false) stores from the registers still
+    wgmma_staged_store: bool = False
     # GPU: adjacent columns per combine thread (one 16-byte load per row of the K-sum at 8 x 16 bits);
     # combine_n / combine_vector threads per block
     combine_vector: int = 1
@@ -234,6 +238,8 @@ def _wgmma_ok(cfg: ExpertsConfig, shapes: ExpertShapes) -> str | None:
         return f"wgmma: block_m {cfg.block_m} is not a multiple of {WG_ROWS} (rows per warpgroup)"
     if cfg.wgmma_span < 1:
         return f"wgmma: wgmma_span {cfg.wgmma_span} < 1"
+    if cfg.wgmma_staged_store and cfg.warp_specialized:
+        return "wgmma: wgmma_staged_store needs the classic loop (warp_specialized false): the producer refills the ring during the epilogue"
     for field, n, cols in (("block_n_up", cfg.block_n_up, shapes.n13), ("block_n_down", cfg.block_n_down, shapes.hidden)):
         if n % ATOM_COLS or n * cfg.wgmma_span > 256:
             return f"wgmma: {field} {n} x wgmma_span {cfg.wgmma_span} must be a multiple of {ATOM_COLS} and at most 256"
