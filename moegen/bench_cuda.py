@@ -9,8 +9,14 @@ Runs on a GPU box with torch (+ triton for the Triton contender), tvm-ffi, click
 and everything it imports never import tvm; the artifacts come prebuilt (`make gpu-bundle`).
 
 Method:
-  1. ceilings, once per run: device copy bandwidth (a COPY_BYTES bf16 `copy_`, bytes read + written per
-     second) and the dense bf16 GEMM rate (torch.matmul GEMM_SIZE^3), best of CEILING_TRIES by CUDA events.
+  1. ceilings, once per run, each from back-to-back calls over CEILING_SECONDS timed by CUDA events (at
+     least CEILING_TRIES): device copy bandwidth (a COPY_BYTES bf16 `copy_`, bytes read + written per
+     second), the best call; the dense bf16 GEMM rate (torch.matmul GEMM_SIZE^3), the median call. A floor
+     takes the highest rate the card sustains over a series as long as a cell's: its memory rate holds
+     (median within 3% of the best, and read-heavy cells already reach 100% of the best call's floor),
+     its GEMM rate does not: at the 700 W power cap an H100's clock drops within a second (run 50,
+     docs/perf.md: 784 TFLOP/s best, 654 median over 3 s, 561 in the last calls), so a best-call GEMM
+     ceiling sets a floor no sustained series reaches. Both statistics of both are kept.
   2. per shape: real-size random weights made on the GPU (N(0, 1/fan_in), biases N(0, BIAS_STD^2));
      MoERunner.load of <artifacts>/<shape>/<target> and its first forward, timed together (synchronised);
      every contender run once at CHECK_TOKENS tokens and compared with moegen.reference.moe_ref (fp32).
@@ -57,8 +63,9 @@ CONTENDERS = ("moegen", "eager", "eager_hf", "grouped_mm", "triton")
 
 COPY_BYTES = 1 << 30  # the copy ceiling's source tensor: 20x the H100's 50 MiB L2
 GEMM_SIZE = 8192  # the GEMM ceiling's M = N = K: reaches the bf16 tensor-core peak
-CEILING_TRIES = 10  # best of this many timed runs, after CEILING_WARMUPS untimed ones (clocks ramp up)
+CEILING_TRIES = 10  # at least this many timed calls per ceiling, after CEILING_WARMUPS untimed ones (clocks ramp up) ...
 CEILING_WARMUPS = 3
+CEILING_SECONDS = 1.0  # ... and calls until this long has passed: a ceiling is their median (see the method)
 WARMUPS = 2  # untimed calls per contender and cell before the capture (Triton compiles in the first)
 DEFAULT_REPEATS = 5
 DEFAULT_REPLAYS = 10
@@ -82,36 +89,43 @@ class BenchUnavailable(RuntimeError):
 # ---- ceilings ----------------------------------------------------------------------------------
 
 
-def _best_gpu_seconds(fn: Callable[[], object], tries: int = CEILING_TRIES) -> float:
+def _gpu_seconds(fn: Callable[[], object], seconds: float = CEILING_SECONDS) -> tuple[float, float, int]:
+    """(median, best, calls): fn timed by CUDA events, call after call, for at least CEILING_TRIES calls and
+    `seconds` of wall time, after CEILING_WARMUPS untimed calls."""
     for _ in range(CEILING_WARMUPS):
         fn()
-    best = math.inf
-    for _ in range(tries):
+    times = []
+    deadline = time.perf_counter() + seconds
+    while len(times) < CEILING_TRIES or time.perf_counter() < deadline:
         start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
         start.record()
         fn()
         end.record()
         end.synchronize()
-        best = min(best, start.elapsed_time(end) / 1e3)
-    return best
+        times.append(start.elapsed_time(end) / 1e3)
+    return statistics.median(times), min(times), len(times)
 
 
-def measure_ceilings(device: torch.device) -> dict:
-    """Device copy bandwidth (bytes read + written per second) and dense bf16 GEMM rate (FLOP/s)."""
+def measure_ceilings(device: torch.device, seconds: float = CEILING_SECONDS) -> dict:
+    """Device copy bandwidth (bytes read + written per second; the best call, `_median` too) and dense bf16
+    GEMM rate (FLOP/s; the median call, `_best` too): see the method."""
     src = torch.ones(COPY_BYTES // 2, dtype=torch.bfloat16, device=device)
     dst = torch.empty_like(src)
-    copy_s = _best_gpu_seconds(lambda: dst.copy_(src))
+    copy_s, copy_best, copy_n = _gpu_seconds(lambda: dst.copy_(src), seconds)
     del src, dst
     g = torch.Generator(device=device).manual_seed(0)
     a = torch.randn(GEMM_SIZE, GEMM_SIZE, device=device, generator=g).to(torch.bfloat16)
     b = torch.randn(GEMM_SIZE, GEMM_SIZE, device=device, generator=g).to(torch.bfloat16)
     c = torch.empty(GEMM_SIZE, GEMM_SIZE, device=device, dtype=torch.bfloat16)
-    gemm_s = _best_gpu_seconds(lambda: torch.matmul(a, b, out=c))
+    gemm_s, gemm_best, gemm_n = _gpu_seconds(lambda: torch.matmul(a, b, out=c), seconds)
     del a, b, c
     torch.cuda.empty_cache()
-    return {"copy_bytes_per_s": 2 * COPY_BYTES / copy_s, "copy_tensor_bytes": COPY_BYTES,
-            "gemm_flops_per_s": 2 * GEMM_SIZE ** 3 / gemm_s, "gemm_size": GEMM_SIZE, "gemm_dtype": "bfloat16",
-            "tries": CEILING_TRIES}
+    copy_bytes, gemm_flops = 2 * COPY_BYTES, 2 * GEMM_SIZE ** 3
+    return {"copy_bytes_per_s": copy_bytes / copy_best, "copy_bytes_per_s_median": copy_bytes / copy_s,
+            "copy_tensor_bytes": COPY_BYTES, "gemm_flops_per_s": gemm_flops / gemm_s,
+            "gemm_flops_per_s_best": gemm_flops / gemm_best, "gemm_size": GEMM_SIZE, "gemm_dtype": "bfloat16",
+            "statistic": {"copy": "best", "gemm": "median"}, "seconds": seconds,
+            "calls": {"copy": copy_n, "gemm": gemm_n}}
 
 
 # ---- the floor ---------------------------------------------------------------------------------
@@ -353,9 +367,20 @@ def format_table(report: dict) -> str:
 
 
 def ceilings_line(c: dict) -> str:
-    return (f"ceilings: copy {c['copy_bytes_per_s'] / 1e12:.2f} TB/s (read + written, "
-            f"{c['copy_tensor_bytes'] >> 20} MiB), bf16 GEMM {c['gemm_flops_per_s'] / 1e12:.0f} TFLOP/s "
-            f"({c['gemm_size']}³)")
+    """The ceilings of a report, each with the statistic the floor takes and the other one (reports before
+    session 10: the best of CEILING_TRIES calls for both, no other statistic)."""
+    stat = c.get("statistic", {"copy": "best", "gemm": "best"})
+    other = {"best": "median", "median": "best"}
+
+    def also(key, kind, fmt):
+        k = f"{key}_{other[stat[kind]]}"
+        return f"; {other[stat[kind]]} {format(c[k] / 1e12, fmt)}" if k in c else ""
+
+    span = f" over {c['seconds']:g} s" if "seconds" in c else ""
+    return (f"ceilings: copy {c['copy_bytes_per_s'] / 1e12:.2f} TB/s (read + written, {c['copy_tensor_bytes'] >> 20} "
+            f"MiB; {stat['copy']} call{span}{also('copy_bytes_per_s', 'copy', '.2f')}), bf16 GEMM "
+            f"{c['gemm_flops_per_s'] / 1e12:.0f} TFLOP/s ({c['gemm_size']}³; {stat['gemm']} call{span}"
+            f"{also('gemm_flops_per_s', 'gemm', '.0f')})")
 
 
 def shapes_lines(report: dict) -> list[str]:

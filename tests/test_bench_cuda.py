@@ -111,14 +111,25 @@ def synthetic_report() -> dict:
     return {"schema": bench_cuda.SCHEMA, "target": "cuda-sm90",
             "machine": {"card": "NVIDIA H100 80GB HBM3", "date": "2026-11-26T21:00:00+00:00", "torch": "2.11.0+cu130",
                         "triton": "3.6.0"},
-            "ceilings": {"copy_bytes_per_s": 3.01e12, "copy_tensor_bytes": 1 << 30, "gemm_flops_per_s": 701e12,
-                         "gemm_size": 8192, "gemm_dtype": "bfloat16", "tries": 10},
+            "ceilings": {"copy_bytes_per_s": 3.01e12, "copy_bytes_per_s_median": 2.92e12, "copy_tensor_bytes": 1 << 30,
+                         "gemm_flops_per_s": 701e12, "gemm_flops_per_s_best": 784e12, "gemm_size": 8192,
+                         "gemm_dtype": "bfloat16", "statistic": {"copy": "best", "gemm": "median"}, "seconds": 1.0,
+                         "calls": {"copy": 1400, "gemm": 700}},
             "method": {"warmups": 2, "repeats": 5, "replays": 10, "l2_flush_bytes": 100 << 20, "l2_flush": "read",
                        "triton_configs": None},
             "check_tokens": 5, "contenders": list(bench_cuda.CONTENDERS), "tolerance": TOL,
             "shapes": {"mixtral-8x7b": {"load_first_forward_ms": 12.5, "check": {n: {"rel_err": 4e-3, "ok": True}
                                                                                  for n in bench_cuda.CONTENDERS}}},
             "cells": cells}
+
+
+def test_ceilings_line_names_the_statistic_the_floor_uses():
+    c = synthetic_report()["ceilings"]
+    assert bench_cuda.ceilings_line(c) == ("ceilings: copy 3.01 TB/s (read + written, 1024 MiB; best call over 1 s; "
+                                           "median 2.92), bf16 GEMM 701 TFLOP/s (8192³; median call over 1 s; best 784)")
+    old = {k: c[k] for k in ("copy_bytes_per_s", "copy_tensor_bytes", "gemm_flops_per_s", "gemm_size")}
+    assert bench_cuda.ceilings_line(old) == ("ceilings: copy 3.01 TB/s (read + written, 1024 MiB; best call), "
+                                             "bf16 GEMM 701 TFLOP/s (8192³; best call)")  # a report of sessions 1-9
 
 
 def test_table_flags_wrong_and_failed_contenders():
