@@ -50,7 +50,8 @@ WARMUPS = 2  # untimed calls per contender and cell before the `repeats` timed o
 WEIGHTS_SEED = 0
 INPUTS_SEED = 1
 BIAS_STD = 0.1  # biases (and correction bias): as moegen.reference.random_weights
-FLUSH_LLC_MULTIPLE = 2  # the cache flush writes this many times the last-level cache before each call
+FLUSH_LLC_MULTIPLE = 2  # the cache flush reads (or writes) this many times the last-level cache before each call
+FLUSH_MODES = ("read", "write")
 FLUSH_DEFAULT_BYTES = 512 << 20  # ... or this much when sysfs does not say how large that cache is
 FLUSH_SETTLE_S = 0.01  # pause after the flush: torch's OpenMP workers spin a while after a parallel region
 #                       and would compete with the next contender's threads (TVM's pool) on 2 cores
@@ -217,15 +218,24 @@ def last_level_cache_bytes() -> int | None:
 class CacheFlush:
     """Evicts the weights from the CPU caches before each timed call: a real decode step reaches a layer
     after every other layer's weights went through the cache, and this box's L3 (260 MiB) would otherwise
-    hold a whole T=1 working set of Qwen3 or gpt-oss and time it above the DRAM floor."""
+    hold a whole T=1 working set of Qwen3 or gpt-oss and time it above the DRAM floor.
+    mode "read" sums the buffer: the cache then holds clean lines, as after the layer before (its
+    weights). "write" (sessions 1-9) rewrote it, leaving dirty lines whose write-back the timed call paid
+    as it evicted them (the same effect cost the H100 bench ~9 us of Qwen3's one-token layer; docs/perf.md)."""
 
-    def __init__(self):
+    def __init__(self, mode: str = "read", nbytes: int | None = None):
+        if mode not in FLUSH_MODES:
+            raise SpecError("--cache-flush", mode, " | ".join(FLUSH_MODES))
         llc = last_level_cache_bytes()
-        self.nbytes = FLUSH_LLC_MULTIPLE * llc if llc else FLUSH_DEFAULT_BYTES
-        self.buf = torch.zeros(self.nbytes, dtype=torch.uint8)
+        self.mode = mode
+        self.nbytes = nbytes or (FLUSH_LLC_MULTIPLE * llc if llc else FLUSH_DEFAULT_BYTES)
+        self.buf = torch.ones(self.nbytes // 8, dtype=torch.int64)
 
     def __call__(self) -> None:
-        self.buf.add_(1)  # read + write every line: evicts whatever was cached before
+        if self.mode == "write":
+            self.buf.add_(1)  # read + write every line: evicts whatever was cached before, leaves it dirty
+        else:
+            self.buf.sum()  # every line read, nothing written back
         time.sleep(FLUSH_SETTLE_S)
 
 
@@ -375,15 +385,17 @@ def _ceilings_line(c: dict) -> str:
 
 
 def run_bench(target: str, shapes: list[str], tokens: list[int], out_dir: Path, *, json_path=None,
-              repeats: int = 5, echo: Callable[[str], None] = print) -> list[dict]:
+              repeats: int = 5, cache_flush: str = "read", echo: Callable[[str], None] = print) -> list[dict]:
     """Benchmark every shape (examples/specs/<name>.yaml) at every token count on `target`.
 
     Returns one row per (shape, T): floor_us, us {contender: median µs}, moegen_pct_of_floor,
     speedup {baseline: baseline µs / moegen µs}, rel_err (moegen vs the first baseline), path, bytes, flops.
     Writes rows, ceilings and machine info to json_path (after every shape, so a long run leaves its part).
+    cache_flush: CacheFlush's mode.
     """
     from .runtime.runner import MoERunner, pick_path
 
+    flush = CacheFlush(cache_flush)  # (checks the mode before anything runs)
     tgt = load_target(target)
     if tgt.family not in CONTENDERS:
         raise SpecError("--target", target, f"a target of family {' | '.join(CONTENDERS)} "
@@ -403,11 +415,11 @@ def run_bench(target: str, shapes: list[str], tokens: list[int], out_dir: Path, 
     echo(f"measuring ceilings ({torch.get_num_threads()} threads)")
     ceilings = measure_ceilings()
     echo(_ceilings_line(ceilings))
-    flush = CacheFlush()
     echo(f"timing: median of {repeats} calls after {WARMUPS} warm-ups, caches flushed before each call "
-         f"({flush.nbytes >> 20} MiB written)")
+         f"({flush.nbytes >> 20} MiB {'written' if flush.mode == 'write' else 'read'})")
     report = {"target": tgt.name, "ceilings": ceilings, "machine": machine_info(), "repeats": repeats,
-              "warmups": WARMUPS, "cache_flush_bytes": flush.nbytes, "shapes": {}, "rows": []}
+              "warmups": WARMUPS, "cache_flush_bytes": flush.nbytes, "cache_flush": flush.mode, "shapes": {},
+              "rows": []}
     rows: list[dict] = report["rows"]
     names: list[str] = []
 

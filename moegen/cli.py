@@ -218,11 +218,13 @@ def spec_from_hf(config_path, tp, ep, name, out_path):
 @click.option("--contenders", default=None,
               help="CUDA: a comma-separated subset of moegen,eager,eager_hf,grouped_mm,triton [default: all].")
 @click.option("--plot", "plot_path", type=click.Path(dir_okay=False), help="CUDA: also write the roofline PNG.")
-@click.option("--l2-flush", type=click.Choice(["read", "write"]), default="read", show_default=True,
-              help="CUDA: how the L2 is emptied before each timed replay: read (leaves clean lines, as the "
-                   "previous layer's weights) or write (sessions 1-8: dirty lines, whose write-back the replay pays).")
+@click.option("--cache-flush", "--l2-flush", "cache_flush", type=click.Choice(["read", "write"]), default="read",
+              show_default=True,
+              help="How the cache (CUDA: the L2; CPU: the last level) is emptied before each timed call: read "
+                   "(leaves clean lines, as the previous layer's weights) or write (dirty lines, whose write-back "
+                   "the timed call pays; CUDA before session 9, CPU before session 10).")
 def bench(target, shapes, tokens, out_dir, artifacts_dir, json_path, repeats, replays, triton_configs,
-          contenders, plot_path, l2_flush):
+          contenders, plot_path, cache_flush):
     """Time moegen against its baselines, with the floor measured in the same run.
 
     \b
@@ -244,7 +246,7 @@ def bench(target, shapes, tokens, out_dir, artifacts_dir, json_path, repeats, re
                            Path(artifacts_dir), json_path=json_path, plot_path=plot_path, repeats=repeats,
                            replays=replays, triton_configs=triton_configs,
                            contenders=[c for c in contenders.split(",") if c] if contenders else None,
-                           l2_flush=l2_flush, echo=click.echo)
+                           l2_flush=cache_flush, echo=click.echo)
         except (ArtifactError, SpecError, BenchUnavailable) as e:
             _fail(str(e))
         return
@@ -252,7 +254,7 @@ def bench(target, shapes, tokens, out_dir, artifacts_dir, json_path, repeats, re
 
     try:
         run_bench(target, shape_list or ["mixtral-8x7b", "qwen3-30b-a3b", "gpt-oss-20b"], tokens or [1, 16, 128],
-                  Path(out_dir), json_path=json_path, repeats=repeats, echo=click.echo)
+                  Path(out_dir), json_path=json_path, repeats=repeats, cache_flush=cache_flush, echo=click.echo)
     except (ArtifactError, SpecError) as e:
         _fail(str(e))
 

@@ -270,6 +270,25 @@ def test_bench_cuda_l2_flush_takes_read_or_write():
     assert "--l2-flush" in r.stderr and "'dirty' is not one of 'read', 'write'" in r.stderr
 
 
+def test_cpu_cache_flush_reads_or_writes_its_buffer():
+    """The CPU bench's flush: read (default) sums its buffer and leaves it as it was, write rewrites every
+    line; another mode is refused naming --cache-flush, as the CLI's choice does for both families."""
+    from moegen.bench import CacheFlush
+    from moegen.spec import SpecError
+
+    read, write = CacheFlush(nbytes=1 << 16), CacheFlush("write", nbytes=1 << 16)
+    assert read.mode == "read" and read.buf.numel() * 8 == 1 << 16
+    before = read.buf.clone()
+    read()
+    assert torch.equal(read.buf, before)
+    write()
+    assert torch.equal(write.buf, before + 1)
+    with pytest.raises(SpecError, match="--cache-flush.*read [|] write"):
+        CacheFlush("dirty")
+    r = CliRunner().invoke(main, ["bench", "--cache-flush", "dirty"])
+    assert r.exit_code == 2 and "'dirty' is not one of 'read', 'write'" in r.stderr
+
+
 @pytest.mark.skipif(torch.cuda.is_available(), reason="this box has a GPU: the bench would run")
 def test_bench_cuda_path_never_imports_tvm():
     """As on the GPU box (no apache-tvm): the CUDA bench modules import, and the command still refuses
