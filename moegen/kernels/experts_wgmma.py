@@ -79,7 +79,7 @@ class WgmmaTile:
     # mbarriers) while the consumers run the MMAs and the epilogue; n_sm blocks loop over the tiles
     producer: bool = False
     # classic loop, 16-bit outputs: the epilogue writes the block's outputs into the (then idle) ring and
-    # the block stores them as whole 16-byte row pieces (_stage_out, _store_staged) instead of each
+    # the block stores them as whole 16-byte row pieces (_epilogue, _store_staged) instead of each
     # thread storing its accumulators' 2-byte values (8 of every 32-byte sector a warp store touches)
     staged_store: bool = False
 
@@ -319,8 +319,8 @@ def _ws_gemm_func(g: _Gemm):
                         step[0] = step[0] + 1
                     T.ptx.wgmma.wait_group.sync.aligned(0)
                     T.ptx.mbarrier.arrive.shared.b64(_empty(bars, g_S, (step[0] + (g_S - 1)) % g_S), T.uint32(1))
-                    _epilogue(g, acc, out, bias, topk_weights, tw, sorted_ids, blk, e, nt, tx - WARPGROUP,
-                              n_slots)
+                    _epilogue(g, acc, out, ring, bias, topk_weights, tw, sorted_ids, blk, e, nt, tx - WARPGROUP,
+                              n_slots, False)
 
     return gemm
 
@@ -421,30 +421,23 @@ def _row_weights(g, topk_weights, tw, sorted_ids, blk, ct, n_slots):
 
 
 @T.macro
-def _epilogue(g, acc, out, bias, topk_weights, tw, sorted_ids, blk, e, nt, ct, n_slots):
+def _epilogue(g, acc, out, ring, bias, topk_weights, tw, sorted_ids, blk, e, nt, ct, n_slots, staged):
     """The outputs from the registers of consumer thread ct: accumulator j is row 16 * warp + lane / 4
     + 8 * (j % 4 / 2) of its warpgroup's 64, column 8 * (j / 4) + 2 * (lane % 4) + j % 2 of the MMA;
     packed tile p of the block holds accumulators p * apt ... (gated: gate column c at jl, up column
-    c + half at jl + apt / 2)."""
+    c + half at jl + apt / 2). Into `out`, or (staged) into the ring: output column c of block row r at
+    r * pitch + c (_store_staged takes them from there)."""
     for j in T.unroll(g.acc):  # the accumulators are read only after the last MMA (no hoisting)
         T.cuda.func_call("moegen_fence_acc", acc[j], source_code=FENCE_ACC)
     _row_weights(g, topk_weights, tw, sorted_ids, blk, ct, n_slots)
     for p in T.unroll(g.tile.span):
         for jl in T.unroll(g.per):
-            out[blk * g.tile.block_m + _row(ct, jl % 4 // 2), (nt * g.tile.span + p) * g.half + _col(ct, jl)] = T.Cast(
-                g.out_dt, _value(g, acc, bias, tw, e, nt * g.tile.span + p, p * g.apt, ct, jl))
-
-
-@T.macro
-def _stage_out(g, acc, ring, bias, topk_weights, tw, sorted_ids, blk, e, nt, ct, n_slots):
-    """_epilogue's values into the ring: output column c of block row r at r * pitch + c."""
-    for j in T.unroll(g.acc):
-        T.cuda.func_call("moegen_fence_acc", acc[j], source_code=FENCE_ACC)
-    _row_weights(g, topk_weights, tw, sorted_ids, blk, ct, n_slots)
-    for p in T.unroll(g.tile.span):
-        for jl in T.unroll(g.per):
-            ring[_row(ct, jl % 4 // 2) * g.pitch + p * g.half + _col(ct, jl)] = T.Cast(
-                g.out_dt, _value(g, acc, bias, tw, e, nt * g.tile.span + p, p * g.apt, ct, jl))
+            if staged:
+                ring[_row(ct, jl % 4 // 2) * g.pitch + p * g.half + _col(ct, jl)] = T.Cast(
+                    g.out_dt, _value(g, acc, bias, tw, e, nt * g.tile.span + p, p * g.apt, ct, jl))
+            else:
+                out[blk * g.tile.block_m + _row(ct, jl % 4 // 2), (nt * g.tile.span + p) * g.half + _col(ct, jl)] = (
+                    T.Cast(g.out_dt, _value(g, acc, bias, tw, e, nt * g.tile.span + p, p * g.apt, ct, jl)))
 
 
 def _row_has_slots(g, sorted_ids, blk, row, n_slots):
@@ -476,12 +469,12 @@ def _classic_epilogue(g, acc, ring, out, bias, topk_weights, tw, sorted_ids, blk
     if g.staged:
         T.tvm_storage_sync("shared")
         if live[0] != 0:
-            _stage_out(g, acc, ring, bias, topk_weights, tw, sorted_ids, blk, e, nt, tx, n_slots)
+            _epilogue(g, acc, out, ring, bias, topk_weights, tw, sorted_ids, blk, e, nt, tx, n_slots, True)
         T.tvm_storage_sync("shared")
         _store_staged(g, ring, out, sorted_ids, blk, nt, tx, n_slots)
     else:
         if live[0] != 0:
-            _epilogue(g, acc, out, bias, topk_weights, tw, sorted_ids, blk, e, nt, tx, n_slots)
+            _epilogue(g, acc, out, ring, bias, topk_weights, tw, sorted_ids, blk, e, nt, tx, n_slots, False)
 
 
 @T.macro
