@@ -335,9 +335,16 @@ def _live(g, sorted_ids, blk, ct, n_slots):
     only: in the warp-specialised one the skipping consumers cost 4-5% (gpt-oss-20b and Mixtral at 4096
     tokens, runs 25-26, flag in the loop or hoisted), likely spinning on the full barrier while the
     producer needs the issue slots."""
+    has = _has_slots(g, sorted_ids, blk, ct // WARPGROUP, n_slots)
+    return 1 if has is True else T.Cast("int32", has)
+
+
+def _has_slots(g, sorted_ids, blk, wg, n_slots):
+    """Whether warpgroup wg of block blk has rows holding slots: its first row does (True, a Python value,
+    for a one-warpgroup block, which always does)."""
     if g.tile.block_m == WG_ROWS:
-        return 1
-    return T.Cast("int32", T.Cast("int64", sorted_ids[blk * g.tile.block_m + (ct // WARPGROUP) * WG_ROWS]) < n_slots)
+        return True
+    return T.Cast("int64", sorted_ids[blk * g.tile.block_m + wg * WG_ROWS]) < n_slots
 
 
 def _full(bars, stage):
@@ -440,20 +447,13 @@ def _epilogue(g, acc, out, ring, bias, topk_weights, tw, sorted_ids, blk, e, nt,
                     T.Cast(g.out_dt, _value(g, acc, bias, tw, e, nt * g.tile.span + p, p * g.apt, ct, jl)))
 
 
-def _row_has_slots(g, sorted_ids, blk, row, n_slots):
-    """Whether block row `row` belongs to a warpgroup that wrote its rows (_live's test on its first row)."""
-    if g.tile.block_m == WG_ROWS:
-        return True
-    return T.Cast("int64", sorted_ids[blk * g.tile.block_m + row // WG_ROWS * WG_ROWS]) < n_slots
-
-
 @T.macro
 def _store_staged(g, ring, out, sorted_ids, blk, nt, tx, n_slots):
     """Every thread stores chunks i * threads + tx of the staged rows (row_chunks 16-byte chunks a row,
     adjacent threads along a row), skipping the rows of warpgroups that had only padding (_live)."""
     for i in T.unroll(g.chunks_per):
         if g.chunks_even or i * g.tile.threads + tx < g.tile.block_m * g.row_chunks:
-            if _row_has_slots(g, sorted_ids, blk, (i * g.tile.threads + tx) // g.row_chunks, n_slots):
+            if _has_slots(g, sorted_ids, blk, (i * g.tile.threads + tx) // g.row_chunks // WG_ROWS, n_slots):
                 out[blk * g.tile.block_m + (i * g.tile.threads + tx) // g.row_chunks,
                     T.ramp(nt * g.stage_w + (i * g.tile.threads + tx) % g.row_chunks * CHUNK, 1, CHUNK)] = ring[
                     T.ramp((i * g.tile.threads + tx) // g.row_chunks * g.pitch
