@@ -242,10 +242,39 @@ _PDL_LAUNCH = """  // moegen: programmatic dependent launch (build.add_programma
 """
 
 
+#   5. no kernel reads a buffer that another kernel of the forward writes through a non-coherent load:
+#      TVM marks every pointer parameter __restrict__, so nvcc reads the ones a kernel only reads with
+#      ld.global.nc, which ptxas takes for constant over the kernel's life and may issue above
+#      griddepcontrol.wait (found in session 11: the sorted paths' GEMMs of the small specs read num_blocks
+#      above the wait, and a double-buffered decode down GEMV its act). Under programmatic launch the kernel
+#      before may still be writing those buffers, so only RESTRICT_PARAMS keep __restrict__: the weights,
+#      biases, expert map and correction bias (set at load, constant over every forward) and x, the layer's
+#      input: written before the forward's first kernel, which never reads it, so visible (the first
+#      kernel's wait) before any kernel that reads it launches. The others are read with coherent loads,
+#      which ptxas keeps below the wait (tests/test_cuda_build.py reads the SASS). One token of Qwen3-30B-A3B
+#      pays about 0.6 us for it (H100, run 65: 38.4 -> 38.9-39.2 us; docs/perf.md).
+RESTRICT_PARAMS = frozenset({"w13_ptr", "w2_ptr", "w_ptr", "b13_ptr", "b2_ptr", "expert_map_ptr", "bias_ptr", "x_ptr"})
+_KERNEL_PARAMS = re.compile(r'^(extern "C" __global__ void (?:__launch_bounds__\(\d+\) )?\w+\()([^)]*)(\))', re.M)
+_RESTRICT_PARAM = re.compile(r"(\w+\*) __restrict__ (\w+)")
+
+
+def coherent_chain_reads(source: str) -> str:
+    """CUDA source whose kernel parameters (declarations and definitions) keep __restrict__ only where they
+    name RESTRICT_PARAMS (see 5. above)."""
+
+    def params(m):
+        kept = _RESTRICT_PARAM.sub(lambda p: p.group(0) if p.group(2) in RESTRICT_PARAMS
+                                   else f"{p.group(1)} {p.group(2)}", m.group(2))
+        return m.group(1) + kept + m.group(3)
+
+    return _KERNEL_PARAMS.sub(params, source)
+
+
 def add_programmatic_launch(source: str, early: frozenset[str] = frozenset()) -> str:
     """CUDA source whose kernels launch with programmatic dependent launch (see _KERNEL_ENTRY); the
-    functions named in `early` also trigger the next launch at entry. Raises when TVM's generated source
-    no longer has the launch helper or the kernel entries this rewrites."""
+    functions named in `early` also trigger the next launch at entry; reads of buffers written within
+    the forward are coherent (coherent_chain_reads). Raises when TVM's generated source no longer has the
+    launch helper or the kernel entries this rewrites."""
     kernels = len(re.findall(r'^extern "C" __global__ void [^;]*\{$', source, re.M))
 
     def entry(m):
@@ -256,7 +285,7 @@ def add_programmatic_launch(source: str, early: frozenset[str] = frozenset()) ->
     if n == 0 or n != kernels or source.count(_LAUNCH_HELPER) != 1:
         raise RuntimeError(f"programmatic launch: TVM's CUDA source changed shape ({n} of {kernels} kernel "
                            f"entries, {source.count(_LAUNCH_HELPER)} launch helpers); see build._KERNEL_ENTRY")
-    return patched.replace(_LAUNCH_HELPER, _PDL_LAUNCH)
+    return coherent_chain_reads(patched.replace(_LAUNCH_HELPER, _PDL_LAUNCH))
 
 
 def early_trigger(paths: list[dict]) -> frozenset[str]:

@@ -452,6 +452,67 @@ def test_kernels_launch_programmatically_on_hopper_only(target, artifact):
     assert "griddepcontrol" not in src or hopper
 
 
+def _sass(library) -> dict[str, str]:
+    """{kernel name: its SASS} of a CUDA library, by the cuobjdump (and the nvdisasm it calls) of the dev extra."""
+    import os
+    import subprocess
+    from pathlib import Path
+
+    import nvidia
+
+    tools = Path(next(iter(nvidia.__path__))) / "cu13" / "bin"
+    out = subprocess.run([str(tools / "cuobjdump"), "-sass", str(library)], capture_output=True, text=True, check=True,
+                         env={**os.environ, "PATH": f"{tools}:{os.environ.get('PATH', '')}"}).stdout
+    return {m.group(1): m.group(2) for m in re.finditer(r"Function : (\S+)\n(.*?)(?=\n\s*Function : |\Z)", out, re.S)}
+
+
+GLOBAL_LOAD = re.compile(r"\b(LDGSTS[A-Z0-9.]*|LDG\.[A-Z0-9.]+|LD\.[A-Z0-9.]+)")
+
+
+def test_no_kernel_reads_the_forwards_buffers_above_its_grid_wait(artifact):
+    """cuda-sm90 (programmatic launch): in the machine code of every kernel, no global load or cp.async issues
+    before its griddepcontrol.wait (SASS ACQBULK), but the decode down GEMV's, placed there on purpose
+    (schedule.cuda._wait_after_first_weights): its first batch of 16-byte weight loads (non-coherent: the
+    weights never change) and coherent loads of its block's expert and num_blocks. While every buffer was
+    __restrict__, ptxas issued the sorted GEMMs' non-coherent read of num_blocks above the wait (session 11);
+    build.coherent_chain_reads keeps __restrict__ on the weights and x only, so such reads stay below it."""
+    from moegen.build import RESTRICT_PARAMS
+
+    root = artifact("tiny", "cuda-sm90")
+    m = read_manifest(root)
+    decode_down = {f"experts_down_{p['name']}_kernel" for p in m["paths"] if p["config"].get("vector_loads")}
+    sass = _sass(root / m["library"])
+    assert decode_down and decode_down <= set(sass) and len(sass) >= 20
+    for name, code in sass.items():
+        assert code.count("ACQBULK") == 1, name  # every kernel waits once
+        before = GLOBAL_LOAD.findall(code[:code.index("ACQBULK")])
+        if name in decode_down:
+            assert "LDG.E.128.CONSTANT" in before, (name, before)
+            assert set(before) <= {"LDG.E.128.CONSTANT", "LDG.E"} and before.count("LDG.E") <= 2, (name, before)
+        else:
+            assert before == [], (name, before)
+    # the source: __restrict__ on the weights' parameters and x only (sm_80, without programmatic launch, keeps it)
+    for target, hopper in (("cuda-sm90", True), ("cuda-sm80", False)):
+        src = (artifact("tiny", target) / "moe.cu").read_text()
+        restricted = set(re.findall(r"__restrict__ (\w+)", "\n".join(re.findall(r'^extern "C" __global__ void [^{;]*', src, re.M))))
+        assert (restricted <= RESTRICT_PARAMS) == hopper, (target, restricted)
+        assert {"w13_ptr", "w2_ptr"} <= restricted, target
+
+
+def test_coherent_chain_reads_keeps_restrict_on_weights_and_x_only():
+    """Declarations and definitions of kernels alike; parameters of host functions are left alone."""
+    from moegen.build import coherent_chain_reads
+
+    src = ('extern "C" __global__ void __launch_bounds__(64) k_kernel(float* __restrict__ act_ptr, '
+           'float* __restrict__ w2_ptr, int* __restrict__ num_blocks_ptr, float* __restrict__ x_ptr);\n'
+           'extern "C" __global__ void k_kernel_1(float* __restrict__ w13_ptr, float* __restrict__ y_ptr) {\n}\n'
+           'int host(float* __restrict__ y_ptr);\n')
+    out = coherent_chain_reads(src)
+    assert "float* act_ptr, float* __restrict__ w2_ptr, int* num_blocks_ptr, float* __restrict__ x_ptr);" in out
+    assert "(float* __restrict__ w13_ptr, float* y_ptr) {" in out
+    assert "int host(float* __restrict__ y_ptr);" in out
+
+
 def test_programmatic_launch_refuses_a_changed_source():
     """The rewrite names TVM's source shape it relies on, instead of shipping kernels without the wait."""
     from moegen.build import add_programmatic_launch
