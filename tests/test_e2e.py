@@ -280,6 +280,35 @@ def test_padded_layer_reads_x_to_the_reduction_step_only(tmp_path):
         assert [shape for name, shape in calls if name.startswith("experts_up_")] == [(T, 128)], calls
 
 
+def test_misaligned_hidden_states_reach_the_kernels_aligned(tiny_runner):
+    """hidden_states that start 2 bytes into a buffer (a legal contiguous view) reach the up GEMMs as a
+    16-byte aligned copy (CUDA kernels load x 16 bytes at a time), with the same result as aligned input."""
+    from moegen.runtime.runner import INPUT_ALIGN_BYTES
+
+    spec, runner = tiny_runner
+    T, H = 5, spec.hidden_size
+    buf = torch.randn(T * H + 1).to(torch.bfloat16)
+    x = buf[1:].view(T, H)
+    assert x.is_contiguous() and x.data_ptr() % INPUT_ALIGN_BYTES
+    logits = torch.randn(T, spec.num_experts)
+    seen = []
+    originals = runner.__dict__.setdefault("_unspied_fns", runner._fns)
+
+    def up(fn):
+        def call(*args):
+            seen.append(args[0].data_ptr() % INPUT_ALIGN_BYTES)
+            return fn(*args)
+        return call
+
+    runner._fns = {n: up(f) if n.startswith("experts_up_") else f for n, f in originals.items()}
+    try:
+        out = runner(x, logits)
+    finally:
+        runner._fns = originals
+    assert seen == [0]
+    assert torch.equal(out, runner(x.clone(), logits))
+
+
 # ---- runner input errors ---------------------------------------------------------------------
 
 

@@ -31,6 +31,11 @@ from ..artifact import ArtifactError
 from ..reference import activation_ref, max_blocks, tile_counts_size  # pure torch, shared with the oracle
 from ..spec import OPTIONAL_WEIGHTS, MoESpec, spec_from_dict, weights_contract
 from . import packing
+
+# The kernels read x in vectors of up to 16 bytes (the tensor-core paths' cp.async of its rows, the decode
+# GEMVs' batches of k steps) from its rows, whose width (Hx, a multiple of spec.X_STEP, or Hr padded to it)
+# keeps them aligned when x's first element is: hidden_states that start elsewhere are copied first.
+INPUT_ALIGN_BYTES = 16
 from .loader import load_artifact
 
 
@@ -294,6 +299,8 @@ class MoERunner:
         self._check_inputs(hidden_states, router_logits)
         spec = self.spec
         x = hidden_states.contiguous()
+        if x.data_ptr() % INPUT_ALIGN_BYTES:  # a view that starts mid-vector: a fresh copy (a host check, no sync)
+            x = x.clone()
         xr = F.linear(x, self.latent_proj) if self.latent_proj is not None else x  # [T, Hr]
         if self.gate is not None:  # the runner holds the gate: logits of the routed input, in fp32
             router_logits = F.linear(xr.float(), self.gate, self.gate_bias)
