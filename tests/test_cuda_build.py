@@ -315,6 +315,44 @@ def test_decode_unroll_loads_its_k_steps_to_registers_first(tmp_path):
         assert body.index(f"{w}_local_ptr + (int64_t){8 * (unroll - 1)}) =") < body.index("gu_rf" if w == "w13" else "ysum_rf"), fn
 
 
+def test_decode_prefetch_issues_the_next_batch_before_the_sums(tmp_path):
+    """decode_prefetch both on the spec above: each GEMV keeps two batches of weights in registers (the
+    buffer doubles); the second batch's loads come before the first batch's sums, and in the down GEMV
+    before its grid wait too, while its act loads stay below the wait in the machine code (coherent reads)."""
+    import yaml
+
+    from moegen.build import build
+    from moegen.spec import parse_spec
+
+    spec = parse_spec({"name": "prefetch", "dtype": "bfloat16", "hidden_size": 256, "intermediate_size": 96,
+                       "num_experts": 8, "top_k": 2})
+    cfg = {"block_m": 1, "block_n_up": 64, "block_n_down": 64, "combine_n": 128, "gather_rows": False,
+           "grid_blocks": True, "split_k": 8, "vector_loads": True, "sort": False, "dispatch_threads": 256,
+           "y_model_dtype": True, "decode_unroll": 8, "decode_prefetch": "both"}
+    sched = tmp_path / "s.yaml"
+    sched.write_text(yaml.safe_dump({"paths": [{"name": "d", "max_rows_per_expert": None, "experts": cfg}]}))
+    root = build(spec, "cuda-sm90", tmp_path, golden=False, schedules=sched)
+    src = (root / "moe.cu").read_text()
+    for fn, w, unroll in (("experts_up_d", "w13", 8), ("experts_down_d", "w2", 6)):
+        k = _kernel(src, fn)
+        assert f"nv_bfloat16 {w}_local_ptr[{2 * unroll * 8}];" in k, fn  # two batches of unroll x 8 elements
+        first_sum = k.index("gu_rf" if w == "w13" else "ysum_rf", k.index(f"{w}_local_ptr + (int64_t)0) ="))
+        second = k.index(f"{w}_local_ptr + (int64_t){8 * unroll}) = ")
+        assert second < first_sum, fn
+    down = _kernel(src, "experts_down_d")
+    assert down.index(f"w2_local_ptr + (int64_t){8 * (2 * 6 - 1)}) = ") < down.index("moegen_grid_wait();") < down.index("act_ptr[")
+    sass = _sass(root / "moe.so")["experts_down_d_kernel"]
+    before = GLOBAL_LOAD.findall(sass[:sass.index("ACQBULK")])
+    # more than one batch of weights in flight at the wait (ptxas may sink a few below it), nothing of act
+    assert before.count("LDG.E.128.CONSTANT") > 6 and set(before) <= {"LDG.E.128.CONSTANT", "LDG.E"}, before
+    assert before.count("LDG.E") <= 2, before
+    # without it: one buffer
+    cfg["decode_prefetch"] = "none"
+    sched.write_text(yaml.safe_dump({"paths": [{"name": "d", "max_rows_per_expert": None, "experts": cfg}]}))
+    src = (build(spec, "cuda-sm90", tmp_path / "none", golden=False, schedules=sched) / "moe.cu").read_text()
+    assert "nv_bfloat16 w13_local_ptr[64];" in _kernel(src, "experts_up_d")
+
+
 def test_decode_unroll_limits():
     """config_ok: decode_unroll 1-16, and 16 bytes of registers per unrolled step for every thread of the
     block must fit the multiprocessor's registers; the CPU and tensor-core paths ignore it."""
@@ -329,6 +367,12 @@ def test_decode_unroll_limits():
     assert config_ok(ExpertsConfig(**dec, split_k=32, decode_unroll=16), sh) is None  # 512 threads
     assert "decode_unroll 0 must be 1 to 16" in config_ok(ExpertsConfig(**dec, split_k=32, decode_unroll=0), sh)
     assert "decode_unroll 32 must be 1 to 16" in config_ok(ExpertsConfig(**dec, split_k=32, decode_unroll=32), sh)
+    # decode_prefetch: a second buffer of registers for the GEMVs it names
+    assert config_ok(ExpertsConfig(**dec, split_k=32, decode_unroll=8, decode_prefetch="both"), sh) is None
+    assert "2 x decode_unroll 8" in config_ok(ExpertsConfig(**dec, split_k=64, decode_unroll=8, decode_prefetch="up"), sh)
+    assert config_ok(ExpertsConfig(**dec, split_k=64, decode_unroll=8, decode_prefetch="none"), sh) is None
+    assert "decode_prefetch 'some': allowed none | up | down | both" in config_ok(
+        ExpertsConfig(**dec, split_k=32, decode_unroll=8, decode_prefetch="some"), sh)
 
 
 def test_sharded_spec_builds_for_cuda(tmp_path):

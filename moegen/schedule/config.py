@@ -51,6 +51,12 @@ class ExpertsConfig:
     # vector_loads: k steps a thread unrolls (its 16-byte loads in flight together; fitted down to a
     # divisor of each GEMM's steps per thread). 1: one load in flight per thread, as before session 7
     decode_unroll: int = 1
+    # vector_loads: the decode GEMVs ("up", "down", "both"; "none") that double-buffer their batches of
+    # decode_unroll weight loads: batch j + 1 is issued before batch j is summed (TVM's software pipeline on
+    # the batch loop, unrolled), so a thread's loads stay in flight while it sums. Twice the registers for
+    # the loads, which may leave one block per multiprocessor where two fitted. No effect on a GEMV whose
+    # unroll fits to 1 or to all its steps (one batch)
+    decode_prefetch: str = "none"
     # no sort (block_m 1, grid_blocks): slot s is block s, routing writes the dispatch buffers itself
     # (kernels/routing.py route_dispatch) and no dispatch kernel runs; blocks of another EP rank's
     # experts exit at once. Each slot streams its expert's weights: for paths with well under one row
@@ -169,6 +175,8 @@ def config_ok(cfg: ExpertsConfig, shapes: ExpertShapes) -> str | None:
         if th < 32 or th & (th - 1) or cfg.dispatch_tile % th:  # (so a multiple of the scan's unroll, 8)
             return (f"dispatch_tile {cfg.dispatch_tile} must be a multiple of dispatch_threads, a power of two "
                     f">= 32 (not {th})")
+    if cfg.decode_prefetch not in DECODE_PREFETCH:
+        return f"decode_prefetch {cfg.decode_prefetch!r}: allowed {' | '.join(DECODE_PREFETCH)}"
     if cfg.group_m != 1 and not cfg.mma:
         return f"group_m {cfg.group_m} needs mma (CUDA-core tiles keep one block per row of the grid)"
     if cfg.wgmma and not cfg.mma:
@@ -262,6 +270,14 @@ def _wgmma_ok(cfg: ExpertsConfig, shapes: ExpertShapes) -> str | None:
 
 
 VECTOR_BYTES = 16  # one 128-bit load per thread
+DECODE_PREFETCH = ("none", "up", "down", "both")  # ExpertsConfig.decode_prefetch
+
+
+def prefetches(cfg: ExpertsConfig, gemm: str) -> bool:
+    """Whether the decode GEMV `gemm` ("up" | "down") double-buffers its weight batches."""
+    return cfg.decode_prefetch in (gemm, "both")
+
+
 DECODE_UNROLL_MAX = 16  # 16-byte loads in flight per decode thread (4 registers each)
 DECODE_OTHER_REGISTERS = 24  # what a decode thread needs besides its loads (8 sums, addresses; ptxas: 52 at unroll 8)
 
@@ -272,13 +288,16 @@ def _vector_ok(cfg: ExpertsConfig, shapes: ExpertShapes) -> str | None:
         return f"vector_loads needs block_m 1 and split_k > 1, not block_m {cfg.block_m} split_k {cfg.split_k}"
     if not 1 <= cfg.decode_unroll <= DECODE_UNROLL_MAX:
         return f"vector_loads: decode_unroll {cfg.decode_unroll} must be 1 to {DECODE_UNROLL_MAX} k steps"
-    for field, n in (("block_n_up", cfg.block_n_up), ("block_n_down", cfg.block_n_down)):
+    for gemm, field, n in (("up", "block_n_up", cfg.block_n_up), ("down", "block_n_down", cfg.block_n_down)):
         if n % vec or (n // vec) * cfg.split_k > 1024:
             return f"vector_loads: {field} {n} must be a multiple of {vec}, with ({n} / {vec}) * split_k <= 1024 threads"
-        threads, regs = (n // vec) * cfg.split_k, cfg.decode_unroll * VECTOR_BYTES // 4 + DECODE_OTHER_REGISTERS
+        batches = 2 if prefetches(cfg, gemm) else 1  # decode_prefetch: a second buffer
+        threads = (n // vec) * cfg.split_k
+        regs = batches * cfg.decode_unroll * VECTOR_BYTES // 4 + DECODE_OTHER_REGISTERS
         if threads * regs > SM_REGISTERS:
-            return (f"vector_loads: decode_unroll {cfg.decode_unroll} x 16 bytes in registers for each of {threads} threads "
-                    f"({field} {n}, split_k {cfg.split_k}) pass the {SM_REGISTERS} registers of a multiprocessor")
+            return (f"vector_loads: {batches} x decode_unroll {cfg.decode_unroll} x 16 bytes in registers for each of "
+                    f"{threads} threads ({field} {n}, split_k {cfg.split_k}) pass the {SM_REGISTERS} registers of a "
+                    f"multiprocessor")
     return None
 
 

@@ -23,7 +23,7 @@ import tvm
 from tvm import s_tir
 
 from . import GRID_WAIT
-from .config import ExpertsConfig, PackConfig, fit_divisor
+from .config import ExpertsConfig, PackConfig, fit_divisor, prefetches
 from .cpu import _schedule
 
 
@@ -105,7 +105,7 @@ def experts_up(func, name: str, cfg: ExpertsConfig) -> s_tir.Schedule:
         _epilogue_threads(sch, sch.get_sblock("act", func_name=name), warps, lanes)
         return _exit_past_blocks(sch, name, cfg)
     if cfg.vector_loads:  # decode: 16-byte weight loads, split-K partials through shared memory
-        _split_k_vector_gemm(sch, name, cfg, cfg.block_n_up, _vector(func), "act")
+        _split_k_vector_gemm(sch, name, cfg, cfg.block_n_up, _vector(func), "act", prefetches(cfg, "up"))
         return _exit_past_blocks(sch, name, cfg)
     act = sch.get_sblock("act", func_name=name)
     if cfg.split_k > 1:
@@ -132,7 +132,7 @@ def experts_down(func, name: str, cfg: ExpertsConfig) -> s_tir.Schedule:
         _epilogue_threads(sch, sch.get_sblock("scale", func_name=name), warps, lanes)
         return _exit_past_blocks(sch, name, cfg)
     if cfg.vector_loads:
-        _split_k_vector_gemm(sch, name, cfg, cfg.block_n_down, _vector(func), "scale")
+        _split_k_vector_gemm(sch, name, cfg, cfg.block_n_down, _vector(func), "scale", prefetches(cfg, "down"))
         return _wait_after_first_weights(_exit_past_blocks(sch, name, cfg), name)
     _tile_gemm(sch, name, "gemm", "local", cfg.split_k)
     scale = sch.get_sblock("scale", func_name=name)
@@ -371,11 +371,13 @@ def _vector(func) -> int:
 
 
 def _split_k_vector_gemm(sch: s_tir.Schedule, name: str, cfg: ExpertsConfig, block_n: int, vec: int,
-                         epilogue: str) -> None:
+                         epilogue: str, prefetch: bool = False) -> None:
     """Decode (one row per block): thread (ty, tx) sums a contiguous 1/split_k of the reduction for
     `vec` adjacent columns, one 16-byte load per k step, so (BN / vec) x split_k threads keep 16 bytes
     each in flight; the split_k partial rows meet in shared memory, where one thread per column adds
-    them up, and the epilogue reads the sums with the same threads. (Kernels built with int64_loops.)"""
+    them up, and the epilogue reads the sums with the same threads. (Kernels built with int64_loops.)
+    prefetch (config.decode_prefetch): the weight batches double-buffered, batch j + 1 issued before
+    batch j is summed."""
     g = sch.get_sblock("gemm", func_name=name)
     nt, b, m, c, r = sch.get_loops(g)
     ry, rr = sch.split(r, [cfg.split_k, None])
@@ -407,6 +409,12 @@ def _split_k_vector_gemm(sch: s_tir.Schedule, name: str, cfg: ExpertsConfig, blo
         sch.vectorize(cv)
         sch.unroll(ck)
         sch.unroll(ri)
+        if prefetch and steps // unroll > 1:
+            # batch j + 1's copy (stage 0) before batch j's sums (stage 1), into a second register buffer;
+            # unrolled, so each buffer is named by a constant index (registers, not local memory)
+            sch.annotate(ro, "software_pipeline_stage", [0, 1])
+            sch.annotate(ro, "software_pipeline_order", [0, 1])
+            sch.unroll(ro)
     ty_n, tx_n = cfg.split_k, block_n // vec
     *cols, ry2 = sch.get_loops(g)[2:]  # (the row: one), the columns, the k ranges
     _, ty, tx = sch.split(sch.fuse(*cols), [None, ty_n, tx_n])  # threads past BN idle
@@ -429,7 +437,8 @@ def _wait_after_first_weights(sch: s_tir.Schedule, name: str) -> s_tir.Schedule:
     launch) do not depend on the up GEMV; act, the only input it writes, is read after the wait. So the
     first loads overlap the up GEMV's last blocks instead of starting after them (H100, docs/perf.md,
     session 9: 1-3 us a one-token layer). The wait goes between the weight copy and the sums of the
-    first batch; a kernel without the copy (decode_unroll fitted to 1) keeps its wait at entry."""
+    first batch (with decode_prefetch, the copy of the second batch also comes before it); a kernel
+    without the copy (decode_unroll fitted to 1) keeps its wait at entry."""
     import tvm_ffi
     from tvm.s_tir import SBlockRealize
     from tvm.script import tirx as T
@@ -464,8 +473,13 @@ def _wait_after_first_weights(sch: s_tir.Schedule, name: str) -> s_tir.Schedule:
     def insert(stmt):
         if not stmt.loop_var.same_as(batch.loop_var):
             return stmt
+        ann = dict(stmt.annotations)
+        if "software_pipeline_stage" in ann:  # decode_prefetch: (copy, sums) -> (copy, wait, sums), the wait a sum
+            copy_stage, sums_stage = (int(v) for v in ann["software_pipeline_stage"])
+            ann["software_pipeline_stage"] = [copy_stage, sums_stage, sums_stage]
+            ann["software_pipeline_order"] = [0, 1, 2]
         return For(stmt.loop_var, stmt.min, stmt.extent, stmt.kind, SeqStmt([body.seq[0], wait, body.seq[1]]),
-                   stmt.thread_binding, stmt.annotations)
+                   stmt.thread_binding, ann)
 
     return _schedule(func.with_body(tvm_ffi.structural_map(func.body, (For, insert))), name)
 
