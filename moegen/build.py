@@ -247,24 +247,72 @@ _PDL_LAUNCH = """  // moegen: programmatic dependent launch (build.add_programma
 #      ld.global.nc, which ptxas takes for constant over the kernel's life and may issue above
 #      griddepcontrol.wait (found in session 11: the sorted paths' GEMMs of the small specs read num_blocks
 #      above the wait, and a double-buffered decode down GEMV its act). Under programmatic launch the kernel
-#      before may still be writing those buffers, so only RESTRICT_PARAMS keep __restrict__: the weights,
-#      biases, expert map and correction bias (set at load, constant over every forward) and x, the layer's
-#      input: written before the forward's first kernel, which never reads it, so visible (the first
-#      kernel's wait) before any kernel that reads it launches. The others are read with coherent loads,
-#      which ptxas keeps below the wait (tests/test_cuda_build.py reads the SASS). One token of Qwen3-30B-A3B
-#      pays about 0.6 us for it (H100, run 65: 38.4 -> 38.9-39.2 us; docs/perf.md).
+#      before may still be writing those buffers, so a parameter keeps __restrict__ only if it is in
+#      RESTRICT_PARAMS, the weights, biases, expert map and correction bias (set at load, constant over every
+#      forward) and x, the layer's input (written before the forward's first kernel, which never reads it,
+#      so visible, by the first kernel's wait, before any kernel that reads it launches), or if the kernel
+#      stores to it (never loaded non-coherently, and its stores still alias nothing else). Every other
+#      read is a coherent load, which ptxas keeps below the wait (tests/test_cuda_build.py reads the SASS).
+#      Cost on the H100 (docs/perf.md, session 11): 0-1% at one token and at 256-4096 tokens, up to 4% in the
+#      sorted tensor-core paths at 16-64 tokens.
 RESTRICT_PARAMS = frozenset({"w13_ptr", "w2_ptr", "w_ptr", "b13_ptr", "b2_ptr", "expert_map_ptr", "bias_ptr", "x_ptr"})
 _KERNEL_PARAMS = re.compile(r'^(extern "C" __global__ void (?:__launch_bounds__\(\d+\) )?\w+\()([^)]*)(\))', re.M)
 _RESTRICT_PARAM = re.compile(r"(\w+\*) __restrict__ (\w+)")
 
 
+def _stored_params(source: str) -> dict[str, set[str]]:
+    """{kernel: the __restrict__ parameters its body stores through}. TVM's CUDA codegen writes a store as a
+    statement that starts with the buffer (`name[i] = v;`, `*(uint4*)(name + i) = v;`); a load never starts
+    one. A store this misses only costs the parameter its __restrict__."""
+    stored: dict[str, set[str]] = {}
+    for m in _KERNEL_PARAMS.finditer(source):
+        if not source.startswith(" {", m.end()):
+            continue  # a declaration
+        names = set(_RESTRICT_PARAM_NAME.findall(m.group(2)))
+        body = _body(source, m.end() + 1)
+        stored[m.group(1)] = {s.group(1) for line in body.splitlines()
+                              if (s := _STORE_START.match(line)) and s.group(1) in names and _ASSIGN.search(line)}
+    return stored
+
+
+def _body(source: str, brace: int) -> str:
+    """The text of the block that opens at source[brace] ("{"), to its matching brace; braces inside string
+    literals (the PTX of inline asm) do not count."""
+    depth, i, quoted = 0, brace, False
+    while i < len(source):
+        c = source[i]
+        if quoted:
+            if c == "\\":
+                i += 1
+            elif c == '"':
+                quoted = False
+        elif c == '"':
+            quoted = True
+        elif c == "{":
+            depth += 1
+        elif c == "}":
+            depth -= 1
+            if depth == 0:
+                return source[brace:i + 1]
+        i += 1
+    raise RuntimeError("coherent_chain_reads: a kernel body without its closing brace")
+
+
+_RESTRICT_PARAM_NAME = re.compile(r"\w+\* __restrict__ (\w+)")
+_STORE_START = re.compile(r"\s*(?:\*\(\w+\*\)\()?(\w+)(?:\[| \+ )")  # name[ | *(T*)(name +
+_ASSIGN = re.compile(r"[^=!<>]=[^=]")
+
+
 def coherent_chain_reads(source: str) -> str:
     """CUDA source whose kernel parameters (declarations and definitions) keep __restrict__ only where they
-    name RESTRICT_PARAMS (see 5. above)."""
+    name RESTRICT_PARAMS or a buffer the kernel stores to (never loaded non-coherently, and the compiler
+    still knows its stores alias nothing else) (see 5. above)."""
+    stored = _stored_params(source)
 
     def params(m):
-        kept = _RESTRICT_PARAM.sub(lambda p: p.group(0) if p.group(2) in RESTRICT_PARAMS
-                                   else f"{p.group(1)} {p.group(2)}", m.group(2))
+        keep = RESTRICT_PARAMS | stored.get(m.group(1), set())
+        kept = _RESTRICT_PARAM.sub(lambda p: p.group(0) if p.group(2) in keep else f"{p.group(1)} {p.group(2)}",
+                                   m.group(2))
         return m.group(1) + kept + m.group(3)
 
     return _KERNEL_PARAMS.sub(params, source)
@@ -278,7 +326,7 @@ def add_programmatic_launch(source: str, early: frozenset[str] = frozenset()) ->
     kernels = len(re.findall(r'^extern "C" __global__ void [^;]*\{$', source, re.M))
 
     def entry(m):
-        waits_inside = f"{GRID_WAIT}();" in source[m.end():source.find("\n}\n", m.end())]
+        waits_inside = f"{GRID_WAIT}();" in _body(source, m.end() - 1)
         return m.group(1) + ("" if waits_inside else _PDL_WAIT) + (_PDL_TRIGGER if m.group(2) in early else "")
 
     patched, n = _KERNEL_ENTRY.subn(entry, source)

@@ -535,26 +535,35 @@ def test_no_kernel_reads_the_forwards_buffers_above_its_grid_wait(artifact):
             assert set(before) <= {"LDG.E.128.CONSTANT", "LDG.E"} and before.count("LDG.E") <= 2, (name, before)
         else:
             assert before == [], (name, before)
-    # the source: __restrict__ on the weights' parameters and x only (sm_80, without programmatic launch, keeps it)
+    # the source: a kernel's __restrict__ parameters are the weights, x and what it stores to (sm_80, without
+    # programmatic launch, keeps every one)
     for target, hopper in (("cuda-sm90", True), ("cuda-sm80", False)):
-        src = (artifact("tiny", target) / "moe.cu").read_text()
-        restricted = set(re.findall(r"__restrict__ (\w+)", "\n".join(re.findall(r'^extern "C" __global__ void [^{;]*', src, re.M))))
-        assert (restricted <= RESTRICT_PARAMS) == hopper, (target, restricted)
-        assert {"w13_ptr", "w2_ptr"} <= restricted, target
+        root = artifact("tiny", target)
+        src, decode = (root / "moe.cu").read_text(), read_manifest(root)["paths"][0]["name"]
+        for fn, kept, dropped in (("experts_up", {"w13_ptr", "x_ptr", "act_ptr"}, {"sorted_ids_ptr", "block_expert_ptr"}),
+                                  ("experts_down", {"w2_ptr", "y_ptr"}, {"act_ptr", "topk_weights_ptr"}),
+                                  ("combine", {"out_ptr"}, {"y_ptr", "slot_pos_ptr"})):
+            restricted = set(re.findall(r"__restrict__ (\w+)", _kernel(src, f"{fn}_{decode}").split("{")[0]))
+            assert kept <= restricted and (not dropped & restricted) == hopper, (target, fn, restricted)
 
 
-def test_coherent_chain_reads_keeps_restrict_on_weights_and_x_only():
-    """Declarations and definitions of kernels alike; parameters of host functions are left alone."""
+def test_coherent_chain_reads_keeps_restrict_on_weights_x_and_outputs():
+    """Declarations follow their kernel's definition; a kernel keeps __restrict__ on what it stores to (both
+    store shapes of TVM's codegen), braces in inline-asm strings do not end its body; host code is left alone."""
     from moegen.build import coherent_chain_reads
 
-    src = ('extern "C" __global__ void __launch_bounds__(64) k_kernel(float* __restrict__ act_ptr, '
-           'float* __restrict__ w2_ptr, int* __restrict__ num_blocks_ptr, float* __restrict__ x_ptr);\n'
-           'extern "C" __global__ void k_kernel_1(float* __restrict__ w13_ptr, float* __restrict__ y_ptr) {\n}\n'
-           'int host(float* __restrict__ y_ptr);\n')
+    sig = ('extern "C" __global__ void __launch_bounds__(64) k_kernel(float* __restrict__ act_ptr, float* __restrict__ '
+           'w2_ptr, int* __restrict__ num_blocks_ptr, float* __restrict__ x_ptr, float* __restrict__ y_ptr, '
+           'float* __restrict__ out_ptr)')
+    src = (sig + ';\n' + sig + ' {\n  asm volatile("{\\n}\\n" ::: "memory");\n'
+           '  if (num_blocks_ptr[0] > 0) {\n    y_ptr[0] = act_ptr[num_blocks_ptr[0]];\n  }\n'
+           '  *(uint4*)(out_ptr + 8) = *(uint4*)(x_ptr + 8);\n}\n'
+           'int host(float* __restrict__ act_ptr) {\n  act_ptr[0] = 1;\n}\n')
     out = coherent_chain_reads(src)
-    assert "float* act_ptr, float* __restrict__ w2_ptr, int* num_blocks_ptr, float* __restrict__ x_ptr);" in out
-    assert "(float* __restrict__ w13_ptr, float* y_ptr) {" in out
-    assert "int host(float* __restrict__ y_ptr);" in out
+    kept = ('(float* act_ptr, float* __restrict__ w2_ptr, int* num_blocks_ptr, float* __restrict__ x_ptr, '
+            'float* __restrict__ y_ptr, float* __restrict__ out_ptr)')
+    assert out.count(kept) == 2, out  # the declaration and the definition
+    assert "int host(float* __restrict__ act_ptr) {" in out
 
 
 def test_programmatic_launch_refuses_a_changed_source():
