@@ -3,7 +3,8 @@
      4096 tokens; real-size layers draw their weights on the GPU and run the reference there too, and
      print load + first forward; on the first real-size one (DeepSeek-V3 in the bundle) the weights the
      artifact's CUDA pack kernels packed must equal runtime/packing.py's, both timed;
-  2. a CUDA-graph replay equals eager on new inputs; load + first forward time;
+  2. a CUDA-graph replay equals eager on new inputs; hidden_states that start mid-vector give the aligned
+     result; load + first forward time;
   3. graph-replay timings of the Qwen3-30B-A3B layer (the full comparison is `moegen bench`).
 MOEGEN_GPU_ARTIFACTS (default gpu-bundle/artifacts) names the artifacts; MOEGEN_GPU_ONLY a comma list
 of artifact names to restrict step 1; MOEGEN_GPU_TARGET (default cuda-sm90) the target directory of each
@@ -278,6 +279,19 @@ with torch.cuda.graph(g):
 x.copy_(torch.randn_like(x)); g.replay(); torch.cuda.synchronize()
 ref = r(x, lg)
 print("cuda graph replay == eager on new inputs:", all(torch.equal(a, b) for a, b in zip(gout, ref)), flush=True)
+
+# hidden_states that start mid-vector (a contiguous view 2 bytes into its buffer): the runner copies them,
+# so every path gives the aligned input's result (session 10 stopped with a misaligned address at 64 tokens)
+same = []
+for T in (1, 64, 1000):
+    xa = torch.randn(T, spec.hidden_size, device="cuda").to(getattr(torch, spec.dtype))
+    la = torch.randn(T, spec.num_experts, device="cuda")
+    xm = torch.empty(xa.numel() + 1, dtype=xa.dtype, device="cuda")[1:].view_as(xa)
+    xm.copy_(xa)
+    a, m = r(xa, la), r(xm, la)
+    same.append(all(torch.equal(u, v) for u, v in zip(*(o if isinstance(o, tuple) else (o,) for o in (a, m)))))
+print(f"misaligned hidden_states == aligned at 1, 64, 1000 tokens: {same}", flush=True)
+results["misaligned hidden_states"] = all(same)
 
 # EP without NCCL: every rank of an EP artifact on this one GPU (reduce_results=False), summed, against
 # the single-rank reference; the decode path (no sort) skips the blocks of other ranks' experts there
