@@ -257,7 +257,9 @@ _PDL_LAUNCH = """  // moegen: programmatic dependent launch (build.add_programma
 #      sorted tensor-core paths at 16-64 tokens.
 RESTRICT_PARAMS = frozenset({"w13_ptr", "w2_ptr", "w_ptr", "b13_ptr", "b2_ptr", "expert_map_ptr", "bias_ptr", "x_ptr"})
 _KERNEL_PARAMS = re.compile(r'^(extern "C" __global__ void (?:__launch_bounds__\(\d+\) )?\w+\()([^)]*)(\))', re.M)
-_RESTRICT_PARAM = re.compile(r"(\w+\*) __restrict__ (\w+)")
+_RESTRICT_PARAM = re.compile(r"(\w+\*) __restrict__ (\w+)")  # (type, name) of a parameter
+_STORE_START = re.compile(r"\s*(?:\*\(\w+\*\)\()?(\w+)(?:\[| \+ )")  # a statement that starts name[ | *(T*)(name +
+_ASSIGN = re.compile(r"[^=!<>]=[^=]")
 
 
 def _stored_params(source: str) -> dict[str, set[str]]:
@@ -268,7 +270,7 @@ def _stored_params(source: str) -> dict[str, set[str]]:
     for m in _KERNEL_PARAMS.finditer(source):
         if not source.startswith(" {", m.end()):
             continue  # a declaration
-        names = set(_RESTRICT_PARAM_NAME.findall(m.group(2)))
+        names = {p.group(2) for p in _RESTRICT_PARAM.finditer(m.group(2))}
         body = _body(source, m.end() + 1)
         stored[m.group(1)] = {s.group(1) for line in body.splitlines()
                               if (s := _STORE_START.match(line)) and s.group(1) in names and _ASSIGN.search(line)}
@@ -296,11 +298,6 @@ def _body(source: str, brace: int) -> str:
                 return source[brace:i + 1]
         i += 1
     raise RuntimeError("coherent_chain_reads: a kernel body without its closing brace")
-
-
-_RESTRICT_PARAM_NAME = re.compile(r"\w+\* __restrict__ (\w+)")
-_STORE_START = re.compile(r"\s*(?:\*\(\w+\*\)\()?(\w+)(?:\[| \+ )")  # name[ | *(T*)(name +
-_ASSIGN = re.compile(r"[^=!<>]=[^=]")
 
 
 def coherent_chain_reads(source: str) -> str:

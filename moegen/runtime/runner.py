@@ -31,12 +31,12 @@ from ..artifact import ArtifactError
 from ..reference import activation_ref, max_blocks, tile_counts_size  # pure torch, shared with the oracle
 from ..spec import OPTIONAL_WEIGHTS, MoESpec, spec_from_dict, weights_contract
 from . import packing
-
-# The kernels read x in vectors of up to 16 bytes (the tensor-core paths' cp.async of its rows, the decode
-# GEMVs' batches of k steps) from its rows, whose width (Hx, a multiple of spec.X_STEP, or Hr padded to it)
-# keeps them aligned when x's first element is: hidden_states that start elsewhere are copied first.
-INPUT_ALIGN_BYTES = 16
 from .loader import load_artifact
+
+# The tensor-core paths copy x's rows into shared memory 16 bytes at a time (cp.async); the rows' width (Hx,
+# a multiple of spec.X_STEP, or Hr padded to it) keeps every row aligned when x's first element is, so
+# hidden_states that start elsewhere are copied first (H100: a misaligned address otherwise; docs/perf.md).
+INPUT_ALIGN_BYTES = 16
 
 
 SHARED_ORDERS = ("before", "overlap")
