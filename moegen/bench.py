@@ -51,7 +51,7 @@ WEIGHTS_SEED = 0
 INPUTS_SEED = 1
 BIAS_STD = 0.1  # biases (and correction bias): as moegen.reference.random_weights
 FLUSH_LLC_MULTIPLE = 2  # the cache flush reads (or writes) this many times the last-level cache before each call
-FLUSH_MODES = ("read", "write")
+FLUSH_MODES = ("read", "write")  # CacheFlush here, L2Flush in bench_cuda
 FLUSH_DEFAULT_BYTES = 512 << 20  # ... or this much when sysfs does not say how large that cache is
 FLUSH_SETTLE_S = 0.01  # pause after the flush: torch's OpenMP workers spin a while after a parallel region
 #                       and would compete with the next contender's threads (TVM's pool) on 2 cores

@@ -49,7 +49,7 @@ from typing import Callable, NamedTuple
 import torch
 
 from .artifact import TOLERANCES, ArtifactError, read_manifest
-from .bench import BIAS_STD, PER_EXPERT, floor_terms, rel_err
+from .bench import BIAS_STD, FLUSH_MODES, PER_EXPERT, floor_terms, rel_err
 from .spec import MoESpec, SpecError, load_spec, spec_from_dict, weights_contract
 
 REPO = Path(__file__).resolve().parents[1]
@@ -73,7 +73,6 @@ TIME_BUDGET_S = 1.0  # at most about this long per contender and cell for each o
 #                      a contender slower than TIME_BUDGET_S / (repeats * replays) gets fewer replays ...
 MIN_TIMED = 3  # ... but never fewer than this (a median of at least 3)
 L2_FLUSH_MULTIPLE = 2  # the flush reads (or writes) this many times the L2 before each timed replay
-L2_FLUSH_MODES = ("read", "write")
 L2_DEFAULT_BYTES = 50 << 20  # ... of this L2 size when torch does not report it (H100: 50 MiB)
 CHECK_TOKENS = 5  # the correctness check of every contender before a shape's timings
 WEIGHTS_SEED = 0
@@ -212,8 +211,8 @@ class L2Flush:
     (H100, Qwen3-30B-A3B at one token: 49.5 us after a write, 40.5 after a read; docs/perf.md)."""
 
     def __init__(self, device: torch.device, mode: str = "read"):
-        if mode not in L2_FLUSH_MODES:
-            raise SpecError("--l2-flush", mode, " | ".join(L2_FLUSH_MODES))
+        if mode not in FLUSH_MODES:
+            raise SpecError("--l2-flush", mode, " | ".join(FLUSH_MODES))
         l2 = getattr(torch.cuda.get_device_properties(device), "L2_cache_size", 0) or L2_DEFAULT_BYTES
         self.mode = mode
         self.nbytes = L2_FLUSH_MULTIPLE * l2
