@@ -260,8 +260,13 @@ def test_sorted_paths_dispatch_over_tiles_and_raster_the_grid(artifact, tmp_path
             assert re.search(x + rf" >> \(int64_t\){g.bit_length() - 1}", k), p["name"]  # the weight tile
 
 
+MMA_SYNC_STAGES = 2
+
+
 def _without_wgmma(tmp_path):
-    """schedules/cuda-sm90.yaml with wgmma off on every path (the mma.sync fallback of the same tiles)."""
+    """schedules/cuda-sm90.yaml with wgmma off on every path (the mma.sync fallback of the same tiles), at most
+    MMA_SYNC_STAGES stages: wgmma's deeper rings do not fit beside the mma.sync tile's fp32 accumulator in
+    shared memory, and fit_config refuses such a tile rather than run it on CUDA cores."""
     import yaml
 
     from moegen.schedule.config import SCHEDULES_DIR
@@ -269,6 +274,7 @@ def _without_wgmma(tmp_path):
     data = yaml.safe_load((SCHEDULES_DIR / "cuda-sm90.yaml").read_text())
     for p in data["paths"]:
         p["experts"]["wgmma"] = False
+        p["experts"]["stages"] = min(p["experts"].get("stages", 1), MMA_SYNC_STAGES)
     out = tmp_path / "no-wgmma.yaml"
     out.write_text(yaml.safe_dump(data))
     return out

@@ -636,6 +636,11 @@ def test_mma_configs_are_checked_and_fall_back_where_tensor_cores_cannot_tile():
     fitted = fit_config(dataclasses.replace(good, block_k=128), oss)
     assert fitted.mma and fitted.block_k == 96 and config_ok(fitted, oss) is None
     assert fit_config(dataclasses.replace(good, block_k=64), oss).block_k == 64  # divides: unchanged
+    # a tile no layer fits (two stages past 48 KiB of static shared memory) is refused, not run on CUDA cores
+    big = dataclasses.replace(good, block_m=32, block_n_up=128, block_n_down=128, block_k=64, stages=2)
+    with pytest.raises(AssertionError, match="shared memory"):
+        fit_config(big, oss)
+    assert fit_config(dataclasses.replace(big, dynamic_smem=True), oss).mma
 
 
 def test_vector_load_configs_are_checked_and_fitted():

@@ -200,6 +200,18 @@ MMA_DYNAMIC_SHARED_BYTES = 163 * 1024
 def _mma_ok(cfg: ExpertsConfig, shapes: ExpertShapes) -> str | None:
     if shapes.dtype not in ("float16", "bfloat16"):
         return f"mma needs float16 or bfloat16 weights, not {shapes.dtype}"
+    why = _mma_tile_ok(cfg)
+    if why is not None:
+        return why
+    for what, k in (("Hx", shapes.hx), ("I", shapes.intermediate)):
+        if k % cfg.block_k:
+            return f"mma: block_k {cfg.block_k} does not divide {what} {k}"
+    return None
+
+
+def _mma_tile_ok(cfg: ExpertsConfig) -> str | None:
+    """What makes an mma config wrong whatever the layer: fit_config only shrinks widths, so a tile that
+    already overflows shared memory, say, must be refused rather than fall back to CUDA cores."""
     if cfg.stages < 1:
         return f"mma: stages {cfg.stages} < 1"
     if cfg.group_m < 1:
@@ -218,9 +230,6 @@ def _mma_ok(cfg: ExpertsConfig, shapes: ExpertShapes) -> str | None:
         if smem > most:
             return (f"mma: block_m {cfg.block_m} x {field} {n} needs {smem} bytes of shared memory "
                     f"(at most {most}{'' if cfg.dynamic_smem else ' static; dynamic_smem allows more'})")
-    for what, k in (("Hx", shapes.hx), ("I", shapes.intermediate)):
-        if k % cfg.block_k:
-            return f"mma: block_k {cfg.block_k} does not divide {what} {k}"
     return None
 
 
@@ -329,6 +338,7 @@ def _fit_combine(cfg: ExpertsConfig, shapes: ExpertShapes) -> dict:
 
 def fit_config(cfg: ExpertsConfig, shapes: ExpertShapes) -> ExpertsConfig:
     """The tuned config shrunk to divisors of this layer's widths (irregular test sizes need it)."""
+    wgmma_asked = cfg.wgmma  # its stages and widths are wgmma's: as an mma.sync tile they may not fit
     if cfg.wgmma:
         fitted = _fit_wgmma(cfg, shapes)
         if config_ok(fitted, shapes) is None:
@@ -357,8 +367,10 @@ def fit_config(cfg: ExpertsConfig, shapes: ExpertShapes) -> ExpertsConfig:
         g, step = math.gcd(shapes.hx, shapes.intermediate), 2 * MMA_FRAG
         if g % step == 0:
             fitted = dataclasses.replace(fitted, block_k=fit_divisor(g, max(cfg.block_k, step), step))
-    if fitted.mma and config_ok(fitted, shapes) is not None:
-        # widths or dtype tensor cores cannot tile (irregular test sizes, fp32): CUDA-core arithmetic
+    if fitted.mma and (wgmma_asked or _mma_tile_ok(cfg) is None) and config_ok(fitted, shapes) is not None:
+        # widths or dtype tensor cores cannot tile (irregular test sizes, fp32): CUDA-core arithmetic.
+        # An mma.sync tile wrong for any layer is not replaced: config_ok names it (a DeepSeek-V3 tile
+        # with two stages past 48 KiB of static shared memory ran 58x slower on CUDA cores: H100 run 76)
         fitted = dataclasses.replace(fitted, mma=False, group_m=1)
     why = config_ok(fitted, shapes)
     assert why is None, why
