@@ -16,6 +16,7 @@ import click
 
 from .artifact import ArtifactError
 from .spec import SpecError
+from .tune import CLOSE_CALL, CONFIRM_GROUP, CONFIRM_ROUNDS
 
 
 def _fail(msg: str, code: int = 2):
@@ -341,7 +342,10 @@ def tune_build(spec_path, target, candidates_path, out_dir):
               help="Token counts at which every candidate is checked against the reference first.")
 @click.option("--repeats", default=5, show_default=True, type=click.IntRange(1, 100),
               help="Timed repeats per cell (median reported).")
-def tune_run(tune_dir, tokens, out_path, device, weights_seed, check_tokens, repeats):
+@click.option("--confirm-rounds", default=CONFIRM_ROUNDS, show_default=True, type=click.IntRange(0, 50),
+              help=f"Rounds of rotating order timing again the candidates within {CLOSE_CALL:.0%} of the "
+                   f"fastest (at most {CONFIRM_GROUP}; 0: none).")
+def tune_run(tune_dir, tokens, out_path, device, weights_seed, check_tokens, repeats, confirm_rounds):
     """Check and time every candidate of TUNE_DIR; write the winners as a schedules file.
 
     Needs torch and tvm-ffi only (no apache-tvm). Exits 1 when every candidate is rejected.
@@ -350,7 +354,7 @@ def tune_run(tune_dir, tokens, out_path, device, weights_seed, check_tokens, rep
 
     try:
         run_tuning(Path(tune_dir), tokens, Path(out_path), device=device, weights_seed=weights_seed,
-                   check_tokens=tuple(check_tokens), repeats=repeats, echo=click.echo)
+                   check_tokens=tuple(check_tokens), repeats=repeats, confirm_rounds=confirm_rounds, echo=click.echo)
     except TuneError as e:
         _fail(str(e))
     except AllRejected as e:

@@ -8,8 +8,9 @@ Two halves that run on different machines:
   TUNE_DIR/<id>/, and TUNE_DIR/candidates.json describes them.
 - run side (`moegen tune run`, the GPU box: torch, tvm-ffi, click, yaml; never apache-tvm): every
   candidate is loaded with the same random weights, checked against the reference (a wrong one is
-  rejected, never chosen), timed at each token count (CUDA graph replays on a GPU), and the fastest per
-  token count become the paths of a schedules file; TUNE_DIR/results.json keeps every time.
+  rejected, never chosen), timed at each token count (CUDA graph replays on a GPU), close calls are
+  timed again head to head (close_calls), and the fastest per token count become the paths of a
+  schedules file; TUNE_DIR/results.json keeps every time.
 
 Nothing at module level imports apache-tvm: the build side imports it inside its functions.
 Shape legend: T tokens, K top-k, El local experts; rows per expert = T*K/El (what the runner's
@@ -35,6 +36,14 @@ CANDIDATES_DIR = SCHEDULES_DIR / "candidates"
 CANDIDATES_JSON = "candidates.json"
 RESULTS_JSON = "results.json"
 PATH_NAME = "tuned"  # the one path of a candidate artifact
+# The first pass times the candidates one after another, so a drift of the device's clock over the run (an
+# H100 under its power cap) falls on some and not others: the candidates within CLOSE_CALL of the fastest
+# (at most CONFIRM_GROUP of them, each loaded with its own packed weights) are timed again together in
+# rounds of rotating order (docs/perf.md, session 12: in a fixed order of seven variants, the one after a
+# slow variant read 1% fast; alone against the shipped tile it was 0.8% slower).
+CLOSE_CALL = 0.03
+CONFIRM_GROUP = 3
+CONFIRM_ROUNDS = 5  # default of `moegen tune run --confirm-rounds` (0: no head-to-head)
 FORMAT = 1  # of candidates.json
 
 
@@ -256,6 +265,21 @@ def pick_winners(times: dict[str, list[float]], order: list[str], layout: dict[s
     return [min(ids, key=lambda c: (times[c][i], ids.index(c))) for i in range(n)]
 
 
+def close_calls(times: dict[str, list[float]], order: list[str], close: float = CLOSE_CALL,
+                most: int = CONFIRM_GROUP) -> dict[tuple[str, ...], list[int]]:
+    """{(fastest, the others within `close` of it, fastest first, at most `most` in all): the token-count
+    indices where that is the group}, from first-pass times (candidate id -> one time per token count; ties go
+    to the earlier in `order`). A token count whose runner-up is not within the margin has no group."""
+    ids = [c for c in order if c in times]
+    groups: dict[tuple[str, ...], list[int]] = {}
+    for j in range(len(times[ids[0]]) if ids else 0):
+        ranked = sorted(ids, key=lambda c: (times[c][j], ids.index(c)))
+        group = tuple(c for c in ranked[:most] if times[c][j] <= times[ranked[0]][j] * (1 + close))
+        if len(group) > 1:
+            groups.setdefault(group, []).append(j)
+    return groups
+
+
 def _bound(lo: float, hi: float) -> float:
     """The geometric midpoint of two measured rows-per-expert points, with the fewest significant digits
     (3 or more) that keep it strictly between them."""
@@ -456,8 +480,10 @@ def check_candidate(runner, cases, tol: float, dev) -> tuple[bool, float]:
 
 def run_tuning(tune_dir: Path | str, tokens: list[int], out_path: Path | str, *, device: str = "auto",
                weights_seed: int = 0, check_tokens: tuple[int, ...] = (1, 33, 257), repeats: int = 5,
-               echo: Callable[[str], None] = print) -> dict:
-    """Check and time every candidate of tune_dir; write the winners to out_path (a schedules file) and
+               confirm_rounds: int = CONFIRM_ROUNDS, echo: Callable[[str], None] = print) -> dict:
+    """Check and time every candidate of tune_dir; time the close calls again head to head, in
+    confirm_rounds rotated rounds (close_calls), which decide the order of each group; write the winners
+    to out_path (a schedules file) and
     every measurement to tune_dir/results.json. Returns the results dict; raises TuneError on bad input
     and AllRejected when every candidate is rejected (results.json is written either way)."""
     import torch
@@ -519,17 +545,52 @@ def run_tuning(tune_dir: Path | str, tokens: list[int], out_path: Path | str, *,
                                        f"are in {tune_dir / RESULTS_JSON}: drop it from the candidates and rerun") from None
         shown = (" ".join(f"{t:.1f}" for t in r["times_us"]) + " us") if r["status"] == "ok" else f"REJECTED ({r['why']})"
         echo(f"  [{i + 1}/{len(doc['candidates'])}] {cid}: {shown}  ({time.perf_counter() - t0:.1f} s)")
+    order = [c["id"] for c in doc["candidates"]]
+    first = {cid: list(r["times_us"]) for cid, r in results.items() if r["status"] == "ok"}
+    artifacts = {c["id"]: tune_dir / c["artifact"] for c in doc["candidates"]}
+    for group, cols in (close_calls(first, order, CLOSE_CALL, CONFIRM_GROUP) if confirm_rounds else {}).items():
+        runners: dict[str, Any] = {}
+        try:
+            for cid in group:
+                try:
+                    runners[cid] = MoERunner.load(artifacts[cid], wdev, device=dev)
+                except torch.cuda.OutOfMemoryError:  # each holds its packed weights: time the ones that fit
+                    echo(f"  head to head without {cid} and after: out of device memory")
+                    break
+            names = list(runners)
+            for j in cols if len(names) > 1 else ():
+                rounds: dict[str, list[float]] = {cid: [] for cid in names}
+                for i in range(confirm_rounds):  # each round starts one candidate later
+                    for cid in names[i % len(names):] + names[:i % len(names)]:
+                        rounds[cid].append(time_forward(runners[cid], *inputs[tokens[j]], repeats=repeats) * 1e6)
+                # the rounds order the group; its times stay on the first pass's scale (the other candidates'
+                # were taken then, with the device's clock where it was then): the fastest by the rounds keeps
+                # the group's best first-pass time, each other that times its ratio to it in the rounds
+                med = {cid: statistics.median(rounds[cid]) for cid in names}
+                lead = min(names, key=lambda cid: (med[cid], order.index(cid)))
+                base = min(first[cid][j] for cid in names)
+                for cid in names:
+                    results[cid].setdefault("first_pass_us", first[cid])
+                    results[cid].setdefault("head_to_head_us", {})[str(tokens[j])] = rounds[cid]
+                    results[cid]["times_us"][j] = base * med[cid] / med[lead]
+                echo(f"  head to head at T={tokens[j]} ({confirm_rounds} rounds, medians): "
+                     + ", ".join(f"{cid} {med[cid]:.1f} us ({first[cid][j]:.1f} -> {results[cid]['times_us'][j]:.1f})"
+                                 for cid in names))
+        finally:
+            del runners
+            if dev.type == "cuda":
+                torch.cuda.empty_cache()
     good = {cid: r["times_us"] for cid, r in results.items() if r["status"] == "ok"}
     summary = {"spec_name": spec.name, "spec_hash": spec.hash, "target": doc["target"], "device": device_name(dev),
                "torch": torch.__version__, "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
                "tokens": tokens, "rows_per_expert": [t * K / El for t in tokens], "check_tokens": sorted(set(check_tokens)),
                "weights_seed": weights_seed, "repeats": repeats, "tolerance": tol,
+               "close_call": CLOSE_CALL, "confirm_rounds": confirm_rounds,
                "timing": "CUDA graph replay, torch.cuda.Event, median of repeats" if dev.type == "cuda"
                else "wall clock, median of repeats", "candidates": results}
     if not good:
         _write_atomic(tune_dir / RESULTS_JSON, json.dumps(summary, indent=1))
         raise AllRejected(f"every candidate was rejected; see {tune_dir / RESULTS_JSON}")
-    order = [c["id"] for c in doc["candidates"]]
     layouts = {c["id"]: (c["fitted"]["block_n_up"], c["fitted"]["block_n_down"]) for c in doc["candidates"]}
     winners = pick_winners(good, order, layouts)
     paths = merge_paths(tokens, winners, K, El)

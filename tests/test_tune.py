@@ -9,6 +9,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import statistics
 import re
 import subprocess
 import sys
@@ -123,6 +124,20 @@ def test_winners_merge_into_paths_with_geometric_bounds():
     recs = [{"name": p["name"], "max_rows_per_expert": p["max_rows_per_expert"]} for p in paths]
     for T, w in zip(tokens, winners):  # the runner's bucket function sends every measured point to its winner
         assert paths[[r["name"] for r in recs].index(pick_path(recs, T, 8, 128)["name"])]["candidate"] == w
+
+
+def test_close_calls_group_the_candidates_within_the_margin_of_the_fastest():
+    """The candidates within CLOSE_CALL of the fastest at a token count, fastest first and at most
+    CONFIRM_GROUP, form a group timed again together; a clear winner, or a lone candidate, forms none."""
+    from moegen.tune import CLOSE_CALL, close_calls
+
+    times = {"a": [10.0, 100.0, 50.0, 7.0], "b": [10.2, 200.0, 49.0, 7.0], "c": [30.0, 100.0 * (1 + CLOSE_CALL), 49.9, 9.0],
+             "d": [10.1, 300.0, 49.5, 9.0]}
+    assert close_calls(times, ["a", "b", "c", "d"]) == {("a", "d", "b"): [0], ("a", "c"): [1], ("b", "d", "c"): [2],
+                                                        ("a", "b"): [3]}
+    assert close_calls(times, ["a", "b", "c", "d"], most=2)[("a", "d")] == [0]
+    assert close_calls(times, ["a", "b", "c", "d"], close=0.0) == {("a", "b"): [3]}  # a tie is still a close call
+    assert close_calls({"a": [1.0, 2.0]}, ["a"]) == {} and close_calls({}, []) == {}
 
 
 def test_one_winner_is_one_unbounded_path_and_bounds_round_inside():
@@ -307,6 +322,17 @@ def test_tune_run_writes_winners_that_build_and_verify(tuned, tmp_path):
     assert f"schedules/{DEFAULT_TARGET}/{sc.shape_key(expert_shapes(TINY))}.yaml" in stdout
     assert all(r["status"] == "ok" and len(r["times_us"]) == 2 and r["error"] < res["tolerance"]
                for r in res["candidates"].values())
+    # close calls of the first pass were timed again together, which ordered each group
+    from moegen.tune import close_calls
+
+    first = {c: r.get("first_pass_us", r["times_us"]) for c, r in res["candidates"].items()}
+    groups = close_calls(first, list(res["candidates"]))
+    assert res["confirm_rounds"] == 5 and {c for group in groups for c in group} == \
+        {c for c, r in res["candidates"].items() if "head_to_head_us" in r}
+    for group, cols in groups.items():
+        for j in cols:
+            _assert_head_to_head(res["candidates"], group, j, res["tokens"][j], 5)
+        assert f"head to head at T={res['tokens'][cols[0]]}" in stdout
     def layout(r):
         return r["config"]["block_n_up"], r["config"]["block_n_down"]
 
@@ -328,6 +354,50 @@ def test_tune_run_writes_winners_that_build_and_verify(tuned, tmp_path):
     assert m["schedules"] == {"file": sched.name, "sha256": sha256_file(sched), "override": True}
     r = invoke("verify", art, "--tokens", "1,7,33,129")
     assert r.exit_code == 0 and "all cases within tolerance" in r.output, r.output
+
+
+def _assert_head_to_head(cands: dict, group: tuple, j: int, T: int, rounds: int) -> None:
+    """A group's times at token index j: the fastest by its rounds' median keeps the group's best first-pass
+    time, each other that times its ratio to it (the other candidates were timed in the first pass)."""
+    med = {c: statistics.median(cands[c]["head_to_head_us"][str(T)]) for c in group}
+    assert all(len(cands[c]["head_to_head_us"][str(T)]) == rounds for c in group)
+    lead = min(group, key=lambda c: med[c])
+    base = min(cands[c]["first_pass_us"][j] for c in group)
+    for c in group:
+        assert cands[c]["times_us"][j] == pytest.approx(base * med[c] / med[lead], rel=1e-12)
+
+
+def test_close_calls_are_timed_again_head_to_head(tuned, tmp_path, monkeypatch):
+    """With a margin of 10x every candidate is a close call: each token count's group (all three) is timed again
+    in rotated rounds, which order it (_assert_head_to_head); the first pass is kept, the winners are chosen
+    by the new times; --confirm-rounds 0 times nothing again."""
+    import shutil
+
+    from moegen import tune
+
+    td = tmp_path / "td"
+    shutil.copytree(tuned[0], td)
+    monkeypatch.setattr(tune, "CLOSE_CALL", 10.0)
+    lines = []
+    res = tune.run_tuning(td, [1, 33], tmp_path / "s.yaml", device="cpu", check_tokens=(1,), repeats=2,
+                          confirm_rounds=3, echo=lines.append)
+    cands = res["candidates"]
+    groups = tune.close_calls({c: r["first_pass_us"] for c, r in cands.items() if "first_pass_us" in r}
+                             | {c: r["times_us"] for c, r in cands.items() if "first_pass_us" not in r}, list(cands), 10.0)
+    assert sorted(j for cols in groups.values() for j in cols) == [0, 1]  # both token counts re-timed
+    for group, cols in groups.items():
+        for j in cols:
+            _assert_head_to_head(cands, group, j, res["tokens"][j], 3)
+    assert sum("head to head at T=" in line for line in lines) == 2
+    def layout(r):
+        return r["config"]["block_n_up"], r["config"]["block_n_down"]
+
+    for j, T in enumerate(res["tokens"]):  # the fastest by the new times, of the one weight layout chosen
+        w = cands[res["winners"][str(T)]]
+        assert w["times_us"][j] == min(r["times_us"][j] for r in cands.values() if layout(r) == layout(w))
+    none = tune.run_tuning(td, [1], tmp_path / "s2.yaml", device="cpu", check_tokens=(1,), repeats=2,
+                           confirm_rounds=0, echo=lambda _: None)
+    assert not any("head_to_head_us" in r for r in none["candidates"].values())
 
 
 def test_a_candidate_with_wrong_output_is_rejected_never_chosen(tuned, tmp_path, monkeypatch):
