@@ -9,7 +9,7 @@ Two halves that run on different machines:
 - run side (`moegen tune run`, the GPU box: torch, tvm-ffi, click, yaml; never apache-tvm): every
   candidate is loaded with the same random weights, checked against the reference (a wrong one is
   rejected, never chosen), timed at each token count (CUDA graph replays on a GPU), close calls are
-  timed again head to head (close_calls), and the fastest per token count become the paths of a
+  timed again together (close_calls), and the fastest per token count become the paths of a
   schedules file; TUNE_DIR/results.json keeps every time.
 
 Nothing at module level imports apache-tvm: the build side imports it inside its functions.
@@ -481,11 +481,11 @@ def check_candidate(runner, cases, tol: float, dev) -> tuple[bool, float]:
 def run_tuning(tune_dir: Path | str, tokens: list[int], out_path: Path | str, *, device: str = "auto",
                weights_seed: int = 0, check_tokens: tuple[int, ...] = (1, 33, 257), repeats: int = 5,
                confirm_rounds: int = CONFIRM_ROUNDS, echo: Callable[[str], None] = print) -> dict:
-    """Check and time every candidate of tune_dir; time the close calls again head to head, in
-    confirm_rounds rotated rounds (close_calls), which decide the order of each group; write the winners
-    to out_path (a schedules file) and
-    every measurement to tune_dir/results.json. Returns the results dict; raises TuneError on bad input
-    and AllRejected when every candidate is rejected (results.json is written either way)."""
+    """Check and time every candidate of tune_dir; time the close calls again together, in confirm_rounds
+    rotated rounds (close_calls), which decide the order of each group; write the winners to out_path (a
+    schedules file) and every measurement to tune_dir/results.json. Returns the results dict; raises
+    TuneError on bad input and AllRejected when every candidate is rejected (results.json is written
+    either way)."""
     import torch
 
     from .artifact import TOLERANCES
