@@ -443,6 +443,17 @@ def time_forward(runner, x, logits, *, repeats: int = 5, target_s: float = 0.02)
     return statistics.median(out)
 
 
+def _time_together(runners: dict, inputs, rounds: int, repeats: int) -> dict[str, list[float]]:
+    """{name: its time in µs in each of `rounds` rounds} of runners timed on the same inputs, each round
+    starting one runner later than the last, so that none keeps one place in the order."""
+    names = list(runners)
+    times: dict[str, list[float]] = {n: [] for n in names}
+    for i in range(rounds):
+        for n in names[i % len(names):] + names[:i % len(names)]:
+            times[n].append(time_forward(runners[n], *inputs, repeats=repeats) * 1e6)
+    return times
+
+
 def _check_cases(spec, weights, tokens: list[int], seed: int):
     """Inputs and reference outputs (CPU, fp32) for the correctness check of every candidate."""
     import torch
@@ -559,10 +570,7 @@ def run_tuning(tune_dir: Path | str, tokens: list[int], out_path: Path | str, *,
                     break
             names = list(runners)
             for j in cols if len(names) > 1 else ():
-                rounds: dict[str, list[float]] = {cid: [] for cid in names}
-                for i in range(confirm_rounds):  # each round starts one candidate later
-                    for cid in names[i % len(names):] + names[:i % len(names)]:
-                        rounds[cid].append(time_forward(runners[cid], *inputs[tokens[j]], repeats=repeats) * 1e6)
+                rounds = _time_together(runners, inputs[tokens[j]], confirm_rounds, repeats)
                 # the rounds order the group; its times stay on the first pass's scale (the other candidates'
                 # were taken then, with the device's clock where it was then): the fastest by the rounds keeps
                 # the group's best first-pass time, each other that times its ratio to it in the rounds

@@ -18,6 +18,7 @@ from pathlib import Path
 
 import torch
 
+from gpu_layers import misaligned
 from moegen.artifact import TOLERANCES, read_manifest
 from moegen.bench import _flat, rel_err
 from moegen.bench_cuda import (DEFAULT_SHAPES, INPUTS_SEED, L2Flush, cell_inputs, device_weights, reference,
@@ -30,14 +31,6 @@ LAYERS = os.environ.get("AB_LAYERS", ",".join(DEFAULT_SHAPES)).split(",")
 TOKENS = [int(t) for t in os.environ.get("AB_TOKENS", "1,16,64,256").split(",")]
 ROUNDS = int(os.environ.get("AB_ROUNDS", "3"))
 REPEATS, REPLAYS = 5, 10  # the bench's defaults
-
-
-def misaligned(x: torch.Tensor) -> torch.Tensor:
-    """x's values in a contiguous view that starts 2 bytes into its buffer."""
-    buf = torch.empty(x.numel() + 1, dtype=x.dtype, device=x.device)
-    view = buf[1:].view_as(x)
-    view.copy_(x)
-    return view
 
 
 def main(argv: list[str]) -> int:

@@ -1,5 +1,6 @@
-"""What the GPU scripts (gpu_profile, decode_breakdown, decode_forward) share: a real-size layer of the
-bundle on the GPU with random weights, and random inputs for it. Imported from scripts/ run as files."""
+"""What the GPU scripts (gpu_check, gpu_profile, decode_breakdown, decode_forward, ab_bench) share: a real-size
+layer of the bundle on the GPU with random weights, random inputs for it, and a misaligned copy of an input.
+Imported from scripts/ run as files."""
 import os
 from pathlib import Path
 
@@ -24,3 +25,10 @@ def layer_inputs(spec, T: int):
     """hidden_states [T, H] in the spec's dtype and fp32 router logits [T, E], random, on the GPU."""
     x = torch.randn(T, spec.hidden_size, device="cuda").to(getattr(torch, spec.dtype))
     return x, torch.randn(T, spec.num_experts, device="cuda")
+
+
+def misaligned(x: torch.Tensor) -> torch.Tensor:
+    """x's values in a contiguous view that starts 2 bytes into its buffer (mid-vector for 16-byte loads)."""
+    view = torch.empty(x.numel() + 1, dtype=x.dtype, device=x.device)[1:].view_as(x)
+    view.copy_(x)
+    return view
