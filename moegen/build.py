@@ -81,12 +81,13 @@ def scheduled_module(spec: MoESpec, target: TargetInfo, schedule: dict | None = 
 
     from .kernels import dispatch as kd
     from .kernels import experts as ke
+    from .kernels import experts_fused as kf
     from .kernels import experts_wgmma as kw
     from .kernels import pack as kp
     from .kernels import routing as kr
     from .schedule import rules
-    from .schedule.config import (RANK_MAX_EXPERTS, ExpertsConfig, ScheduleError, load_paths, load_routing_config,
-                                  pack_config, path_records, target_ok)
+    from .schedule.config import (RANK_MAX_EXPERTS, ExpertsConfig, ScheduleError, fused_tile, load_paths,
+                                  load_routing_config, pack_config, path_records, target_ok)
 
     rule = rules(target.family)
     shapes = expert_shapes(spec)
@@ -116,7 +117,9 @@ def scheduled_module(spec: MoESpec, target: TargetInfo, schedule: dict | None = 
         bm = cfg.block_m
         name = p["name"]
         y_dtype = spec.dtype if cfg.y_model_dtype else "float32"  # the down GEMM's scratch rows
-        if not cfg.sort:  # routing writes the dispatch buffers: no dispatch kernel
+        if cfg.fused_routing:  # the fused decode kernel routes its token itself: no routing kernel
+            pass
+        elif not cfg.sort:  # routing writes the dispatch buffers: no dispatch kernel
             funcs[f"route_dispatch_{name}"] = routing(f"route_dispatch_{name}", dispatch=True)
         elif cfg.dispatch_tile:  # GPUs: count, scan and place kernels over tiles of slots (kernels/dispatch.py)
             for part, func in zip(("count", "scan", "place"), kd.dispatch_tiles_funcs(
@@ -131,6 +134,15 @@ def scheduled_module(spec: MoESpec, target: TargetInfo, schedule: dict | None = 
         why = target_ok(cfg, target)
         if why is not None:
             raise ScheduleError(f"schedules file {source}: paths ({name}).experts.{why}")
+        if cfg.fused:  # GPU decode: one kernel from x to the output (kernels/experts_fused.py)
+            tile = fused_tile(cfg, vector_red=bool(target.extra.get("vector_red")))
+            router = kr.rank_router(spec.num_experts, spec.top_k, spec.router) if cfg.fused_routing else None
+            why = kf.fused_routing_ok(shapes, tile, router) if router is not None else None
+            if why is not None:
+                raise ScheduleError(f"schedules file {source}: paths ({name}).experts.{why}")
+            funcs[f"experts_fused_{name}"] = rule.experts_fused(kf.experts_fused_func(shapes, tile, router),
+                                                                f"experts_fused_{name}")
+            continue
         if cfg.wgmma:  # Hopper: the kernels name their threads (kernels/experts_wgmma.py)
             up_tile, down_tile = (kw.WgmmaTile(bm, n, cfg.stages, cfg.group_m, cfg.wgmma_span, cfg.warp_specialized,
                                                cfg.wgmma_staged_store)
@@ -334,9 +346,14 @@ def add_programmatic_launch(source: str, early: frozenset[str] = frozenset()) ->
 
 
 def early_trigger(paths: list[dict]) -> frozenset[str]:
-    """The functions that let the next grid launch at their entry: the decode paths' (vector_loads)."""
-    return frozenset(f"{fn}_{p['name']}" for p in paths if p["config"].get("vector_loads")
-                     for fn in ("route_dispatch", "experts_up", "experts_down", "combine"))
+    """The functions that let the next grid launch at their entry: the decode paths' (vector_loads), those
+    the path has (fused: route_dispatch unless it routes itself, and experts_fused)."""
+    def kernels(c: dict) -> tuple[str, ...]:
+        if c.get("fused"):
+            return ("experts_fused",) if c.get("fused_routing") else ("route_dispatch", "experts_fused")
+        return ("route_dispatch", "experts_up", "experts_down", "combine")
+
+    return frozenset(f"{fn}_{p['name']}" for p in paths if p["config"].get("vector_loads") for fn in kernels(p["config"]))
 
 
 def uses_arch_specific(paths: list[dict]) -> bool:

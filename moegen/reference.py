@@ -182,6 +182,22 @@ def experts_down_ref(act: torch.Tensor, topk_weights: torch.Tensor, d: dict[str,
     return ys.view(T, K, y.shape[1]).sum(1)  # not -1: ambiguous when T == 0
 
 
+def experts_fused_ref(x: torch.Tensor, topk_weights: torch.Tensor, block_expert: torch.Tensor,
+                      w13: torch.Tensor, w13_bias: torch.Tensor | None, w2: torch.Tensor,
+                      w2_bias: torch.Tensor | None, activation: str, alpha: float = 1.702, limit: float = 7.0,
+                      weight_on_input: bool = False, act_dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """The fused decode kernel (kernels/experts_fused.py): x [T, Hx], topk_weights [T, K], block_expert [T*K]
+    (slot s's local expert, -1 for another EP rank's: dispatch_unsorted_ref) -> out [T, Hp] fp32, the
+    unsorted path's experts_up_ref -> experts_down_ref with the activation rounded to `act_dtype` (the model
+    dtype, as the kernel rounds it)."""
+    S = block_expert.numel()
+    s = torch.arange(S, dtype=torch.int32)
+    d = dict(sorted_ids=s, block_expert=block_expert.to(torch.int32),
+             slot_pos=torch.where(block_expert >= 0, s, -1).to(torch.int32))
+    act = experts_up_ref(x, topk_weights, d, w13, w13_bias, 1, activation, alpha, limit, weight_on_input)
+    return experts_down_ref(act.to(act_dtype), topk_weights, d, w2, w2_bias, 1, weight_on_input)
+
+
 # ---- the whole layer -------------------------------------------------------------------------
 
 

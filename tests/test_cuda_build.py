@@ -606,3 +606,141 @@ def test_programmatic_launch_leaves_the_wait_to_kernels_that_call_it():
     down, combine = add_programmatic_launch(src, frozenset({"experts_down_t1"})).split('extern "C" __global__ void ')[1:]
     assert "griddepcontrol.wait;" not in down and down.splitlines()[1].endswith('"griddepcontrol.launch_dependents;" ::: "memory");')
     assert "griddepcontrol.wait;" in combine.splitlines()[1] and "launch_dependents" not in combine
+
+
+def _fused_build(tmp_path, target, **extra):
+    """The unroll spec above with one decode path, fused (kernels/experts_fused.py)."""
+    import yaml
+
+    from moegen.build import build
+    from moegen.spec import parse_spec
+
+    spec = parse_spec({"name": "fused", "dtype": "bfloat16", "hidden_size": 256, "intermediate_size": 96,
+                       "num_experts": 8, "top_k": 2})
+    cfg = {"block_m": 1, "block_n_up": 64, "block_n_down": 64, "combine_n": 128, "gather_rows": False,
+           "grid_blocks": True, "split_k": 8, "vector_loads": True, "sort": False, "dispatch_threads": 256,
+           "y_model_dtype": True, "decode_unroll": 8, "fused": True, **extra}
+    tmp_path.mkdir(parents=True, exist_ok=True)
+    sched = tmp_path / "s.yaml"
+    sched.write_text(yaml.safe_dump({"paths": [{"name": "d", "max_rows_per_expert": None, "experts": cfg}]}))
+    root = build(spec, target, tmp_path / target, golden=False, schedules=sched)
+    return read_manifest(root), (root / "moe.cu").read_text()
+
+
+@pytest.mark.parametrize("target", ["cuda-sm90", "cuda-sm80"])
+def test_fused_decode_is_one_kernel_from_x_to_the_output(target, tmp_path):
+    """config.fused: route_dispatch, then one kernel (no experts_up / experts_down / combine): 16-byte weight
+    loads of w13 and w2, the slot sums added into the fp32 acc with red.global.add.v4.f32 on sm_90
+    (targets/cuda-sm90.yaml vector_red) or scalar atomicAdd on sm_80, a block counter, and the last block
+    reading acc through L2 (__ldcg) and zeroing it. Its first w13 batch is asked for before x is staged and its
+    first w2 batch before the up GEMV's partial sums meet (the loads fly while the block synchronises)."""
+    m, src = _fused_build(tmp_path, target)
+    fns = set(m["functions"])
+    assert {"route_dispatch_d", "experts_fused_d"} <= fns
+    assert not {"experts_up_d", "experts_down_d", "combine_d", "dispatch_d"} & fns
+    k = _kernel(src, "experts_fused_d")
+    assert "*(uint4*)(w13_ptr + " in k and "*(uint4*)(w2_ptr + " in k
+    if target == "cuda-sm90":
+        assert "red_vec_f32_global_add_v4_f32((&(acc_ptr[" in k and "atomicAdd((&(acc_ptr[" not in k
+    else:
+        assert "atomicAdd((&(acc_ptr[" in k and "red_vec" not in k
+    assert "atomicAdd((&(count_ptr[0])), 1)" in k and "count_ptr[0] = 0;" in k
+    last = k[k.index("__ldcg(") - 200:]  # the last block's loop: acc read through L2, then zeroed
+    assert re.search(r"acc_ptr\[[^\]]*\] = 0x0p\+0f", last)
+    def store(buf):  # the first store to a shared buffer (past its declaration)
+        return re.search(rf"\n\s*{buf}\[[^;]*\] = ", k).start()
+
+    assert k.index("*(uint4*)(w13_ptr + ") < store("xs_ptr")  # weights asked for before x is staged
+    assert k.index("*(uint4*)(w2_ptr + ") < store("red_ptr")  # down weights before the up sums meet
+    # acc and count are zero between forwards: the runner allocates them zeroed, the kernel leaves them so
+    assert m["paths"][0]["config"]["fused"] is True
+    if target == "cuda-sm90":  # both kernels of the path let the next launch early (build.early_trigger)
+        assert m["compiled"]["programmatic_launch"]["early_trigger"] == ["experts_fused_d", "route_dispatch_d"]
+
+
+def test_fused_interleave_reads_contiguous_rows_per_batch(tmp_path):
+    """decode_interleave: up thread (ks, cg) reads rows ks, ks + split_k, ... so one batch of the block's
+    loads is split_k contiguous rows (thread tx at element tx * 8 of the tile); without it thread ks starts at
+    row ks * Hx / split_k."""
+    _, plain = _fused_build(tmp_path / "p", "cuda-sm90")
+    _, inter = _fused_build(tmp_path / "i", "cuda-sm90", decode_interleave=True)
+    first = re.compile(r"\*\(uint4\*\)\(wv_ptr \+ 0\) = \*\(uint4\*\)\(w13_ptr \+ ([^;]*)\);")
+    p, i = (first.search(_kernel(s, "experts_fused_d")).group(1) for s in (plain, inter))
+    assert "(((int64_t)((int)threadIdx.x)) * (int64_t)8)" in i and "threadIdx.x)) >> (int64_t)3) * (int64_t)2048)" in p
+
+
+def test_fused_config_limits():
+    """config_ok: fused needs the decode path (vector_loads, no sort); decode_interleave needs fused; the
+    fused kernel's tile must divide the layer. fit_config keeps fused with its unroll fitted, or drops it (and
+    the interleave) where the widths do not allow; weight on input takes fused (its x * w staged in shared
+    memory). target_ok: fused is CUDA only; a CUDA-core split-K tile past 1024 threads is refused."""
+    from types import SimpleNamespace
+
+    from moegen.kernels.experts import ExpertShapes
+    from moegen.schedule.config import ExpertsConfig, config_ok, fit_config, target_ok
+
+    sh = ExpertShapes("bfloat16", 128, 8, 2048, 768, "silu", 1.702, 7.0, False, False)
+    dec = dict(block_m=1, block_n_up=128, block_n_down=128, combine_n=128, grid_blocks=True, split_k=32,
+               decode_unroll=8)
+    ok = ExpertsConfig(**dec, sort=False, vector_loads=True, fused=True, decode_interleave=True)
+    assert config_ok(ok, sh) is None
+    assert "fused needs vector_loads true and sort false" in config_ok(ExpertsConfig(**dec, sort=False, fused=True), sh)
+    assert "fused needs vector_loads true and sort false" in config_ok(
+        ExpertsConfig(**dec, vector_loads=True, fused=True), sh)
+    assert "fused_routing needs fused true" in config_ok(
+        ExpertsConfig(**dec, sort=False, vector_loads=True, fused_routing=True), sh)
+    assert "decode_interleave needs fused true" in config_ok(
+        ExpertsConfig(**dec, sort=False, vector_loads=True, decode_interleave=True), sh)
+    odd = ExpertShapes("bfloat16", 8, 2, 264, 96, "silu", 1.702, 7.0, False, False)  # Hx 264 = 8 x 33
+    fitted = fit_config(ok, odd)
+    assert fitted.fused and fitted.decode_interleave and 264 % (fitted.split_k * fitted.decode_unroll) == 0
+    no_vectors = fit_config(ok, ExpertShapes("bfloat16", 8, 2, 264, 100, "silu", 1.702, 7.0, False, False))
+    assert not (no_vectors.vector_loads or no_vectors.fused or no_vectors.decode_interleave)  # tiles of 100 columns
+    woi = ExpertShapes("bfloat16", 8, 1, 256, 96, "relu2", 1.702, 7.0, True, True)
+    assert fit_config(ExpertsConfig(**dec, sort=False, vector_loads=True), woi).fused
+    cpu, cuda = SimpleNamespace(name="cpu-x", family="cpu", extra={}), SimpleNamespace(name="cuda-x", family="cuda", extra={})
+    assert "fused: true needs a CUDA target" in target_ok(ok, cpu) and target_ok(ok, cuda) is None
+    big = ExpertsConfig(block_m=1, block_n_up=128, block_n_down=128, combine_n=128, split_k=64)
+    assert "8192 threads a block" in target_ok(big, cuda) and target_ok(big, cpu) is None
+
+
+@pytest.mark.parametrize("target", ["cuda-sm90", "cuda-sm80"])
+def test_top_k_1_weight_on_input_builds_for_cuda(target, tmp_path):
+    """A Llama-4 style layer (top_k 1, weight on input: scripts/specs/woi-relu2-small.yaml) builds for CUDA:
+    its combine of one slot keeps a K loop to vectorize, its tensor-core fills of x * w go 4 wide, its 16-byte
+    decode path (sm_90's) is fused (until session 13 nvcc refused an fp32 x 8 broadcast, and the combine's
+    schedule failed); sm_80's decode path (schedules/cuda.yaml) loads no vectors and stays unfused."""
+    from moegen.build import build
+
+    root = build(load_spec("scripts/specs/woi-relu2-small.yaml"), target, tmp_path, golden=False)
+    decode = read_manifest(root)["paths"][0]
+    assert decode["config"]["fused"] == decode["config"]["vector_loads"] == (target == "cuda-sm90")
+
+
+def test_fused_routing_routes_in_the_kernel(tmp_path):
+    """fused_routing: no route_dispatch; the fused kernel takes the logits, bias and expert map and ranks the
+    experts itself (routing._rank_route), S threads per expert whose counts meet by warp shuffles (tiny: 8
+    experts, 32 rank threads, a 64-thread block: S = 2). A block too small for a thread per expert is refused
+    with one line."""
+    import yaml
+
+    from moegen.build import build
+    from moegen.schedule.config import ScheduleError
+    from moegen.spec import parse_spec
+
+    m, src = _fused_build(tmp_path, "cuda-sm90", fused_routing=True)
+    assert "experts_fused_d" in m["functions"] and not any(f.startswith("route") for f in m["functions"])
+    args = [a["name"] if isinstance(a, dict) and "name" in a else a for a in m["functions"]["experts_fused_d"]]
+    assert len(args) == 11  # x, logits, bias, expert_map, w13, b13, w2, b2, acc, count, out
+    k = _kernel(src, "experts_fused_d")
+    assert "logits_ptr" in k.split("{")[0] and "expert_map_ptr[" in k
+    assert "__shfl_xor_sync((uint)4294967295, rk_ptr[0]" in k
+    assert m["compiled"]["programmatic_launch"]["early_trigger"] == ["experts_fused_d"]
+    spec = parse_spec({"name": "wide", "dtype": "bfloat16", "hidden_size": 256, "intermediate_size": 96,
+                       "num_experts": 256, "top_k": 2})
+    cfg = {"block_m": 1, "block_n_up": 64, "block_n_down": 64, "combine_n": 128, "grid_blocks": True, "split_k": 8,
+           "vector_loads": True, "sort": False, "decode_unroll": 8, "fused": True, "fused_routing": True}
+    sched = tmp_path / "w.yaml"
+    sched.write_text(yaml.safe_dump({"paths": [{"name": "d", "max_rows_per_expert": None, "experts": cfg}]}))
+    with pytest.raises(ScheduleError, match="fused_routing: 256 experts need 256 threads, the block has 64"):
+        build(spec, "cuda-sm90", tmp_path / "w", golden=False, schedules=sched)

@@ -21,6 +21,7 @@ from moegen.reference import (
     dispatch_ref,
     expert_map_ref,
     experts_down_ref,
+    experts_fused_ref,
     experts_up_ref,
     max_blocks,
     mlp_ref,
@@ -707,3 +708,33 @@ def test_expert_parallel_ranks_sum_to_single_rank(name, ep, placement):
         total += part
     assert_close(total, whole)
     assert_close(total[:, :spec.routed_width], dense_layer(single, W, x, logits))
+
+
+@pytest.mark.parametrize("T", (0,) + TOKENS)
+@pytest.mark.parametrize("name", EXPERTS)
+def test_fused_twin_is_the_dense_layer(name, T):
+    """experts_fused_ref (the fused decode kernel's twin: one block per slot and tile, no sort) gives the
+    dense layer, and summed over EP ranks (each rank's slots of other ranks' experts are -1) the same."""
+    from moegen.reference import dispatch_unsorted_ref
+
+    spec, W = layer_case(name, seed=T + 5)
+    gen = torch.Generator().manual_seed(400 + T)
+    x = torch.randn(T, spec.hidden_size, generator=gen)
+    logits, ids, w, xp, w13, w2, b13, b2 = padded_problem(spec, W, x, T, seed=500 + T)
+    woi = spec.router.apply_weight_on_input
+    args = (spec.activation, spec.swiglu_alpha, spec.swiglu_limit, woi)
+    be = dispatch_unsorted_ref(ids, expert_map_ref(spec))["block_expert"]
+    out = experts_fused_ref(xp, w, be, w13, b13, w2, b2, *args)
+    assert out.shape == (T, xp.shape[1]) and out.dtype == torch.float32
+    assert_close(out[:, :spec.routed_width], dense_layer(spec, W, x, logits))
+    if T and spec.num_experts % 2 == 0:  # two EP ranks, linear placement: experts [0, E/2) and [E/2, E)
+        half = spec.num_experts // 2
+        total = torch.zeros_like(out)
+        for r in range(2):
+            emap = torch.tensor([e - r * half if r * half <= e < (r + 1) * half else -1
+                                 for e in range(spec.num_experts)], dtype=torch.int32)
+            sl = slice(r * half, (r + 1) * half)
+            part = experts_fused_ref(xp, w, dispatch_unsorted_ref(ids, emap)["block_expert"], w13[sl],
+                                     None if b13 is None else b13[sl], w2[sl], None if b2 is None else b2[sl], *args)
+            total += part
+        assert_close(total, out)

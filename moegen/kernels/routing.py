@@ -11,6 +11,8 @@ schedule decides how tokens spread over cores or threads.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 from tvm.script import tirx as T
 
 from ..spec import RouterSpec
@@ -338,6 +340,104 @@ def _rank(ch, lo, n, c, e, out, i, tmp, ti):
             out[i] = out[i] + 1
 
 
+@dataclass(frozen=True)
+class RankRouter:
+    """What the rank routing (routing_rank_func, and the fused decode kernel's own routing) specialises on."""
+
+    E: int  # experts
+    K: int  # top-k
+    grouped: bool
+    G: int  # expert groups (1 ungrouped)
+    TG: int  # groups kept
+    top_two: bool  # a group's score: its best two (see _group_score)
+    softmax: bool  # else sigmoid
+    use_bias: bool  # correction bias on the choice
+    renorm: bool
+    scale: float  # routed scaling factor
+
+    @property
+    def TH(self) -> int:  # threads that hold an expert: every expert, padded to whole warps
+        return (self.E + 31) // 32 * 32
+
+    @property
+    def EG(self) -> int:
+        return self.E // self.G
+
+
+def rank_router(num_experts: int, top_k: int, router: RouterSpec) -> RankRouter:
+    grouped = router.grouped
+    G = router.num_expert_group if grouped else 1
+    return RankRouter(num_experts, top_k, grouped, G, router.topk_group if grouped else 1,
+                      router.correction_bias and num_experts // G > 1, router.scoring == "softmax",
+                      router.correction_bias, router.renormalize, float(router.routed_scaling_factor))
+
+
+@T.macro
+def _rank_route(r, logits, bias, row, tx, W, S, ch, red, gtop, gsec, v, rk):
+    """Rank routing of token `row` by a thread block of W warps, S threads (a power of two up to 32) per
+    expert: threads tx = e * S .. e * S + S - 1 hold expert e < r.E. v[0] = its score, v[1] = its choice,
+    rk[0] = its rank (a pick when below K), every one of the S threads; each counts 1/S of the choices that
+    beat it and the S counts meet by warp shuffles. Threads past r.TH * S take part in the block reductions
+    only. See routing_rank_func (S = 1)."""
+    e = T.meta_var(tx // S)  # (an expression, not a variable: tx itself when S == 1)
+    real = e < r.E
+    v[0] = T.if_then_else(real, logits[row, T.min(e, r.E - 1)], T.float32(NEG_INF))
+    if r.softmax:
+        _block_reduce(v[0], True, tx % 32, tx // 32, W, red, v, 2)
+        v[0] = T.if_then_else(real, T.exp(v[0] - v[2]), T.float32(0))
+        _block_reduce(T.if_then_else(tx % S == 0, v[0], T.float32(0)), False, tx % 32, tx // 32, W, red, v, 2)
+        v[0] = v[0] / v[2]
+    else:
+        v[0] = T.sigmoid(v[0])
+    if r.use_bias:
+        v[1] = v[0] + T.if_then_else(real, bias[T.min(e, r.E - 1)], T.float32(0))
+    else:
+        v[1] = v[0]
+    # a total order: NaN and anything below NEG_INF count as NEG_INF, the padding threads are NEG_INF
+    # and come after every expert (higher index), so they are never picked
+    v[1] = T.if_then_else(real and not T.isnan(v[1]), T.max(v[1], T.float32(NEG_INF)), T.float32(NEG_INF))
+    if e < r.TH and tx % S == 0:
+        ch[e] = v[1]
+    T.tvm_storage_sync("shared")
+    if r.grouped:
+        if real:
+            _rank(ch, e // r.EG * r.EG, r.EG, v[1], e, rk, 1, v, 4)  # the rank in its group
+            if rk[1] == 0 and tx % S == 0:
+                gtop[e // r.EG] = v[1]
+            if r.top_two:
+                if rk[1] == 1 and tx % S == 0:
+                    gsec[e // r.EG] = v[1]
+        T.tvm_storage_sync("shared")
+        if real:  # the rank of this expert's group among the G group scores
+            v[3] = gtop[e // r.EG] + gsec[e // r.EG] if r.top_two else gtop[e // r.EG]
+            rk[1] = 0
+            for g in range(r.G):
+                v[4] = gtop[g] + gsec[g] if r.top_two else gtop[g]
+                if v[4] > v[3] or (v[4] == v[3] and g < e // r.EG):
+                    rk[1] = rk[1] + 1
+            if rk[1] >= r.TG:
+                v[1] = T.float32(NEG_INF)
+        T.tvm_storage_sync("shared")
+        if e < r.TH and tx % S == 0:
+            ch[e] = v[1]
+        T.tvm_storage_sync("shared")
+    if S == 1:
+        rk[0] = r.K  # threads past TH: no pick
+        if tx < r.TH:
+            _rank(ch, 0, r.TH, v[1], tx, rk, 0, v, 4)
+    else:  # choices tx % S, tx % S + S, ... of the TH, then the S counts summed
+        rk[0] = 0
+        if e < r.TH:
+            for j in range(r.TH // S):
+                v[4] = ch[j * S + tx % S]
+                if v[4] > v[1] or (v[4] == v[1] and j * S + tx % S < e):
+                    rk[0] = rk[0] + 1
+        for o in range(S.bit_length() - 1):
+            rk[0] = rk[0] + T.tvm_warp_shuffle_xor(T.uint32(0xFFFFFFFF), rk[0], S >> (o + 1), 32, 32)
+        if e >= r.TH:
+            rk[0] = r.K
+
+
 def routing_rank_func(num_experts: int, top_k: int, router: RouterSpec, dispatch: bool = False):
     """The same contract as routing_func, one thread block per token and a thread per expert, for few
     tokens (the decode path's route_dispatch), where routing is latency: a warp's K serial rounds of
@@ -348,20 +448,12 @@ def routing_rank_func(num_experts: int, top_k: int, router: RouterSpec, dispatch
     in its group names the group's best and second-best choice, each group's rank among the G group
     scores says whether it is kept (ties: the lower index, as _keep_best_groups). A choice that is NaN
     or below NEG_INF counts as NEG_INF, so the ranks are a total order and exactly K experts, all real,
-    are picked. An algorithm for 32-lane hardware (warp shuffles), so it names its threads."""
-    k_E, k_K = num_experts, top_k
-    k_TH = (k_E + 31) // 32 * 32  # threads: every expert, padded to whole warps
+    are picked. An algorithm for 32-lane hardware (warp shuffles), so it names its threads (_rank_route,
+    which the fused decode kernel runs too)."""
+    r = rank_router(num_experts, top_k, router)
+    k_E, k_K, k_TH = r.E, r.K, r.TH
     k_W = k_TH // 32
-    k_grouped = router.grouped
-    k_G = router.num_expert_group if k_grouped else 1
-    k_TG = router.topk_group if k_grouped else 1
-    k_EG = k_E // k_G
-    k_top_two = router.correction_bias and k_EG > 1  # a group's score: its best two (see _group_score)
-    k_softmax = router.scoring == "softmax"
-    k_use_bias = router.correction_bias
-    k_renorm = router.renormalize
-    k_scale = float(router.routed_scaling_factor)
-    k_dispatch = dispatch
+    k_renorm, k_scale, k_dispatch = r.renorm, r.scale, dispatch
     tok = token_var()
 
     @T.macro
@@ -370,51 +462,12 @@ def routing_rank_func(num_experts: int, top_k: int, router: RouterSpec, dispatch
         tx = T.launch_thread("threadIdx.x", k_TH)
         ch = T.alloc_buffer((k_TH,), "float32", scope="shared")  # every thread's choice
         red = T.alloc_buffer((k_W,), "float32", scope="shared")  # the warps' partial max | sum
-        gtop = T.alloc_buffer((k_G,), "float32", scope="shared")  # grouped: each group's best choice ...
-        gsec = T.alloc_buffer((k_G,), "float32", scope="shared")  # ... and its second best
+        gtop = T.alloc_buffer((r.G,), "float32", scope="shared")  # grouped: each group's best choice ...
+        gsec = T.alloc_buffer((r.G,), "float32", scope="shared")  # ... and its second best
         picked = T.alloc_buffer((k_K,), "float32", scope="shared")  # the picks' scores, by rank
         v = T.alloc_buffer((5,), "float32", scope="local")  # score, choice, reduction, group score, tmp
         rk = T.alloc_buffer((2,), "int32", scope="local")  # rank, rank of the group (or in it)
-        real = tx < k_E
-        v[0] = T.if_then_else(real, logits[bx, T.min(tx, k_E - 1)], T.float32(NEG_INF))
-        if k_softmax:
-            _block_reduce(v[0], True, tx % 32, tx // 32, k_W, red, v, 2)
-            v[0] = T.if_then_else(real, T.exp(v[0] - v[2]), T.float32(0))
-            _block_reduce(v[0], False, tx % 32, tx // 32, k_W, red, v, 2)
-            v[0] = v[0] / v[2]
-        else:
-            v[0] = T.sigmoid(v[0])
-        if k_use_bias:
-            v[1] = v[0] + T.if_then_else(real, bias[T.min(tx, k_E - 1)], T.float32(0))
-        else:
-            v[1] = v[0]
-        # a total order: NaN and anything below NEG_INF count as NEG_INF, the padding threads are NEG_INF
-        # and come after every expert (higher index), so they are never picked
-        v[1] = T.if_then_else(real and not T.isnan(v[1]), T.max(v[1], T.float32(NEG_INF)), T.float32(NEG_INF))
-        ch[tx] = v[1]
-        T.tvm_storage_sync("shared")
-        if k_grouped:
-            if real:
-                _rank(ch, tx // k_EG * k_EG, k_EG, v[1], tx, rk, 1, v, 4)  # the rank in its group
-                if rk[1] == 0:
-                    gtop[tx // k_EG] = v[1]
-                if k_top_two:
-                    if rk[1] == 1:
-                        gsec[tx // k_EG] = v[1]
-            T.tvm_storage_sync("shared")
-            if real:  # the rank of this expert's group among the G group scores
-                v[3] = gtop[tx // k_EG] + gsec[tx // k_EG] if k_top_two else gtop[tx // k_EG]
-                rk[1] = 0
-                for g in range(k_G):
-                    v[4] = gtop[g] + gsec[g] if k_top_two else gtop[g]
-                    if v[4] > v[3] or (v[4] == v[3] and g < tx // k_EG):
-                        rk[1] = rk[1] + 1
-                if rk[1] >= k_TG:
-                    v[1] = T.float32(NEG_INF)
-            T.tvm_storage_sync("shared")
-            ch[tx] = v[1]
-            T.tvm_storage_sync("shared")
-        _rank(ch, 0, k_TH, v[1], tx, rk, 0, v, 4)
+        _rank_route(r, logits, bias, bx, tx, k_W, 1, ch, red, gtop, gsec, v, rk)
         if rk[0] < k_K:
             topk_ids[bx, rk[0]] = tx
             if k_dispatch:

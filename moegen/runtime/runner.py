@@ -11,7 +11,9 @@ Forward (seed: shared/seed/moe_runner_base.txt):
   3. gate (when the runner holds one): router logits in fp32
   4-7. kernels: routing -> dispatch -> experts_up -> experts_down -> combine (all router options,
        activations, biases and routing weights are computed there); a path without the sort
-       (decode) runs route_dispatch -> experts_up -> experts_down -> combine
+       (decode) runs route_dispatch -> experts_up -> experts_down -> combine, or with config.fused
+       route_dispatch -> experts_fused (one kernel from x to the output; with config.fused_routing it routes
+       the token itself: experts_fused alone)
   8. shared experts (dense MLP in torch), before the routed experts (NO_OVERLAP)
   9. truncate to the original widths; all-reduce over the TP/EP group when asked
  10. return routed, or (shared, routed)
@@ -88,9 +90,10 @@ class MoERunner:
         self._fns = {name: module[name] for name in manifest["functions"]}
         # the persistent grid of warp-specialised wgmma kernels: one block per multiprocessor
         self._n_sm = torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 1
-        # Hx, the columns of x the up GEMMs take (their first argument): Hp, or with hidden padding the
-        # routed width rounded up (build: spec.kernel_x_width; artifacts before session 7 took Hp)
-        widths = {int(a[0]["shape"][1]) for f, a in manifest["functions"].items() if f.startswith("experts_up_")}
+        # Hx, the columns of x the up GEMMs (and fused decode kernels) take (their first argument): Hp, or with
+        # hidden padding the routed width rounded up (build: spec.kernel_x_width; artifacts before session 7 took Hp)
+        widths = {int(a[0]["shape"][1]) for f, a in manifest["functions"].items()
+                  if f.startswith(("experts_up_", "experts_fused_"))}
         if len(widths) != 1:
             raise ArtifactError(f"the up GEMMs of {root} take x of {sorted(widths)} columns; one width expected")
         self._x_width = widths.pop()
@@ -410,6 +413,9 @@ class MoERunner:
                         act=torch.empty(mp * I, dtype=self.dtype, device=dev),
                         y=torch.empty(mp * Hp, device=dev,
                                       dtype=self.dtype if path["config"].get("y_model_dtype") else torch.float32))
+            if path["config"].get("fused"):  # the fused decode's fp32 sum and block counter: zero between forwards
+                bufs["acc"] = torch.zeros(cap * Hp, dtype=torch.float32, device=dev)
+                bufs["count"] = torch.zeros(1, **i32)
             if path["config"].get("dispatch_tile"):  # the multi-block dispatch's scratch
                 bufs["tile_counts"] = torch.empty(tile_counts_size(cap, K, El, path["config"]["dispatch_tile"]), **i32)
             self._stage[path["name"]] = (cap, bufs)
@@ -419,7 +425,8 @@ class MoERunner:
                     block_expert=bufs["block_expert"][:MB], num_blocks=bufs["num_blocks"],
                     slot_pos=bufs["slot_pos"][:T * K], act=bufs["act"][:MB * BM * I].view(MB * BM, I),
                     y=bufs["y"][:MB * BM * Hp].view(MB * BM, Hp),
-                    tile_counts=bufs.get("tile_counts"))
+                    tile_counts=bufs.get("tile_counts"), count=bufs.get("count"),
+                    acc=bufs["acc"][:T * Hp].view(T, Hp) if "acc" in bufs else None)
 
     def _routed_chunk(self, xp: torch.Tensor, logits: torch.Tensor, out: torch.Tensor) -> None:
         """The kernels of one chunk: routing, the dispatch (one kernel, or three over tiles of slots; none
@@ -435,6 +442,10 @@ class MoERunner:
         b = self._staging(path, T)
         f, name = self._fns, path["name"]
         with self._stream():  # CUDA: kernels launch on torch's current stream (graph capture too)
+            if c.get("fused_routing"):  # one kernel from the logits and x to the output
+                f[f"experts_fused_{name}"](xp.contiguous(), logits.contiguous(), self.correction_bias, self.expert_map,
+                                           w13, b13, w2, b2, b["acc"], b["count"], out)
+                return
             if c.get("sort", True):
                 f["routing"](logits.contiguous(), self.correction_bias, b["ids"], b["tw"])
                 self._dispatch(path, b, self.expert_map)
@@ -442,6 +453,10 @@ class MoERunner:
                 f[f"route_dispatch_{name}"](logits.contiguous(), self.correction_bias, self.expert_map, b["ids"],
                                             b["tw"], b["sorted_ids"], b["block_expert"], b["num_blocks"],
                                             b["slot_pos"])
+            if c.get("fused"):  # one kernel to the output; it leaves acc and count zero
+                f[f"experts_fused_{name}"](xp.contiguous(), b["tw"], b["block_expert"], w13, b13, w2, b2, b["acc"],
+                                           b["count"], out)
+                return
             grid = (self._n_sm,) if c.get("warp_specialized") else ()  # persistent kernels: their block count
             f[f"experts_up_{name}"](xp.contiguous(), b["tw"], b["sorted_ids"], b["block_expert"], b["num_blocks"],
                                     w13, b13, b["act"], *grid)

@@ -57,6 +57,13 @@ class ExpertsConfig:
     # the loads, which may leave one block per multiprocessor where two fitted. No effect on a GEMV whose
     # unroll fits to 1 or to all its steps (one batch)
     decode_prefetch: str = "none"
+    # fused: the k steps of the GEMVs' threads interleaved (up: thread j of split_k takes rows j, j + split_k,
+    # ...), so a block's loads of one batch cover contiguous rows; false: each thread a contiguous range.
+    # (The unfused decode GEMVs cannot: TVM's cache_read of a strided region copies the wrong rows.)
+    decode_interleave: bool = False
+    # fused: each block routes its token itself (the rank routing of route_dispatch, a thread per expert), so
+    # no route_dispatch kernel runs before it
+    fused_routing: bool = False
     # no sort (block_m 1, grid_blocks): slot s is block s, routing writes the dispatch buffers itself
     # (kernels/routing.py route_dispatch) and no dispatch kernel runs; blocks of another EP rank's
     # experts exit at once. Each slot streams its expert's weights: for paths with well under one row
@@ -86,6 +93,12 @@ class ExpertsConfig:
     # GPU: adjacent columns per combine thread (one 16-byte load per row of the K-sum at 8 x 16 bits);
     # combine_n / combine_vector threads per block
     combine_vector: int = 1
+    # GPU decode (vector_loads, sort false): the up GEMV, activation, down GEMV and the sum over top-k in
+    # one kernel (kernels/experts_fused.py): block (w13 tile, slot) takes its intermediates end to end and
+    # adds its weighted share of the slot's output into an fp32 sum with atomics; the last block to finish
+    # writes the output. No act or y scratch, no combine kernel. split_k and decode_unroll as vector_loads'
+    # (the up GEMV's split and the loads in flight per thread); block_n_up / block_n_down: the packed tiles
+    fused: bool = False
 
 
 @dataclass(frozen=True)
@@ -185,9 +198,30 @@ def config_ok(cfg: ExpertsConfig, shapes: ExpertShapes) -> str | None:
         return _wgmma_ok(cfg, shapes)
     if cfg.mma:
         return _mma_ok(cfg, shapes)
+    if cfg.fused and (not cfg.vector_loads or cfg.sort):
+        return "fused needs vector_loads true and sort false (the decode path)"
+    if cfg.fused_routing and not cfg.fused:
+        return "fused_routing needs fused true"
+    if cfg.decode_interleave and not cfg.fused:
+        return "decode_interleave needs fused true (the unfused decode GEMVs split the reduction in ranges)"
     if cfg.vector_loads:
-        return _vector_ok(cfg, shapes)
+        return _vector_ok(cfg, shapes) or (_fused_ok(cfg, shapes) if cfg.fused else None)
     return None
+
+
+def fused_tile(cfg: ExpertsConfig, vector_red: bool = False):
+    """The fused decode kernel's tile (kernels.experts_fused.FusedTile) of a config."""
+    from ..kernels.experts_fused import FusedTile
+
+    return FusedTile(cfg.block_n_up, cfg.block_n_down, cfg.split_k, cfg.decode_unroll, vector_red, cfg.decode_prefetch,
+                     cfg.decode_interleave)
+
+
+def _fused_ok(cfg: ExpertsConfig, shapes: ExpertShapes) -> str | None:
+    from ..kernels.experts_fused import fused_tile_ok
+
+    why = fused_tile_ok(shapes, fused_tile(cfg))
+    return None if why is None else f"fused: {why}"
 
 
 MMA_FRAG = 16  # rows, columns and k of one tensor-core fragment (moegen.schedule.tensor_intrin)
@@ -315,7 +349,19 @@ def target_ok(cfg: ExpertsConfig, target) -> str | None:
     (targets/cuda-sm90.yaml: wgmma: true)."""
     if cfg.wgmma and not target.extra.get("wgmma"):
         return f"wgmma: true needs a Hopper target (cuda-sm90), not {target.name}"
+    if cfg.fused and target.family != "cuda":
+        return f"fused: true needs a CUDA target (its sum over top-k is in atomics), not {target.name}"
+    if target.family == "cuda" and not (cfg.mma or cfg.vector_loads) and cfg.split_k > 1:
+        # a CUDA-core split-K tile: a thread per column and k split (schedule.cuda._tile_gemm); a vector decode
+        # config fitted off its vectors lands here, e.g. split_k 64 of 128 columns: 8192 threads, refused at launch
+        threads = max(cfg.block_n_up, cfg.block_n_down) * cfg.split_k
+        if threads > CUDA_MAX_THREADS:
+            return (f"split_k {cfg.split_k} x block_n {max(cfg.block_n_up, cfg.block_n_down)}: {threads} threads a "
+                    f"block on CUDA cores (vector_loads off), more than {CUDA_MAX_THREADS}")
     return None
+
+
+CUDA_MAX_THREADS = 1024  # threads per thread block
 
 
 def fit_divisor(n: int, want: int, step: int = 1) -> int:
@@ -358,8 +404,20 @@ def fit_config(cfg: ExpertsConfig, shapes: ExpertShapes) -> ExpertsConfig:
         fitted = dataclasses.replace(fitted, split_k=fit_divisor(g, max(1, min(cfg.split_k, g // 2))))
     if shapes.gated and (shapes.n13 // 2) % (fitted.block_n_up // 2):
         fitted = dataclasses.replace(fitted, block_n_up=2 * fit_divisor(shapes.intermediate, cfg.block_n_up // 2))
+    if fitted.vector_loads and not fitted.sort and shapes.weight_on_input:
+        # the unfused decode GEMV would broadcast x * w as fp32 x 8, which TVM's CUDA codegen cannot write
+        # (schedule.cuda.FP32_BROADCAST): the fused kernel stages x * w in shared memory instead
+        fitted = dataclasses.replace(fitted, fused=True)
+    if fitted.fused:  # loads in flight: a divisor of the up GEMV's rows per thread and of a tile's intermediates
+        half = fitted.block_n_up // 2 if shapes.gated else fitted.block_n_up
+        fitted = dataclasses.replace(fitted, decode_unroll=fit_divisor(
+            math.gcd(shapes.hx // fitted.split_k, half), fitted.decode_unroll))
+        if config_ok(fitted, shapes) is not None:
+            fitted = dataclasses.replace(fitted, fused=False, decode_interleave=False,  # widths it cannot take: unfused
+                                         fused_routing=False)
     if fitted.vector_loads and config_ok(fitted, shapes) is not None:
-        fitted = dataclasses.replace(fitted, vector_loads=False)  # widths that do not split into vectors
+        fitted = dataclasses.replace(fitted, vector_loads=False, fused=False,  # widths that do not split into vectors
+                                     decode_interleave=False, fused_routing=False)
     if fitted.mma:
         # the reduction step: a multiple of two fragments dividing both reductions (gpt-oss-20b's I 2880
         # takes no block_k 128: 96 keeps the tensor cores, where the fallback below measured 50 ms);

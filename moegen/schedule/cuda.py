@@ -58,6 +58,11 @@ def dispatch_threads(func, name: str) -> s_tir.Schedule:
     return _schedule(func, name)
 
 
+def experts_fused(func, name: str) -> s_tir.Schedule:
+    """kernels.experts_fused names its threads, shared memory and atomics itself: nothing left to schedule."""
+    return _schedule(func, name)
+
+
 def experts_wgmma(func, name: str) -> s_tir.Schedule:
     """kernels.experts_wgmma names its threads, shared memory and instructions itself: nothing to schedule."""
     return _schedule(func, name)
@@ -156,6 +161,8 @@ def combine(func, name: str, cfg: ExpertsConfig) -> s_tir.Schedule:
     sch.compute_at(cb, ni)
     sch.set_scope(cb, 0, "local")
     if v > 1:
+        if len(sch.get_loops(cb)) == 3:  # top_k 1: compute_at dropped the unit K loop; the vector needs one
+            sch.add_unit_loop(cb)
         cols, k = sch.get_loops(cb)[-2:]
         sch.reorder(k, cols)
         sch.unroll(cols)
@@ -186,6 +193,15 @@ def _read_index(sch: s_tir.Schedule, block, buffer_name: str) -> int:
 def _threads(cfg: ExpertsConfig, block_n: int) -> tuple[int, int]:
     """(warps, lanes) of a tensor-core thread block."""
     return cfg.block_m // cfg.warp_m * (block_n // cfg.warp_n), 32
+
+
+# TVM 0.27's CUDA codegen writes a broadcast fp32 x 8 as make_ulonglong4 of eight floats, which does not compile:
+# a fill that scales by a routing weight (weight on input: x * w, w the same for the row) vectorizes 4 wide
+FP32_BROADCAST = 4
+
+
+def _reads(sch: s_tir.Schedule, block, buffer_name: str) -> bool:
+    return any(_region_buffer(r).name == buffer_name for r in sch.get(block).reads)
 
 
 def _coop_fetch(sch: s_tir.Schedule, block, warps: int, lanes: int, vec: int) -> None:
@@ -255,7 +271,7 @@ def _mma_gemm(sch: s_tir.Schedule, name: str, cfg: ExpertsConfig, block_n: int, 
     for blk in (a_sh, load_w):
         sch.compute_at(blk, k0)
         sch.storage_align(blk, 0, axis=-2, factor=32, offset=8)  # rows 16 bytes apart: no bank conflicts
-        _coop_fetch(sch, blk, warps, lanes, vec)
+        _coop_fetch(sch, blk, warps, lanes, min(vec, FP32_BROADCAST) if _reads(sch, blk, "topk_weights") else vec)
 
     # fragments into registers per k1 step, accumulator in registers for the whole reduction
     a_w = sch.cache_read(outer, _read_index(sch, outer, _region_buffer(sch.get(a_sh).writes[0]).name), "warp")
