@@ -71,11 +71,12 @@ def check_schedule(paths, shapes, source: str) -> None:
                                 f"(config {dataclasses.asdict(p.experts)})")
 
 
-def scheduled_module(spec: MoESpec, target: TargetInfo, schedule: dict | None = None):
+def scheduled_module(spec: MoESpec, target: TargetInfo, schedule: dict | None = None, source: str | None = None):
     """Every function of the artifact, scheduled: routing, then dispatch/experts_up/experts_down/combine
     per path, then (when the schedules file has a `pack:` section) the weight-packing kernels
     pack_w13_n{BN} / pack_w2_n{BN}, one per packed layout the paths read.
-    `schedule`: the contents of a schedules file (default: schedule_source(target)).
+    `schedule`: the contents of a schedules file (default: schedule_source(target)); `source`: its name in
+    errors (default: the target's name when `schedule` is given).
     Returns (IRModule, [path dicts for the manifest])."""
     import tvm
 
@@ -91,7 +92,7 @@ def scheduled_module(spec: MoESpec, target: TargetInfo, schedule: dict | None = 
 
     rule = rules(target.family)
     shapes = expert_shapes(spec)
-    source = target.name
+    source = source or target.name
     if schedule is None:
         path, schedule, _ = schedule_source(target, spec=spec)
         source = str(path)
@@ -497,7 +498,7 @@ def build(spec: MoESpec, target_name: str, out_root: Path, *, golden: bool = Tru
     try:
         t0 = time.perf_counter()
         progress(f"[1/5] kernels: routing, dispatch, experts, packing (schedules {sched_record['file']})")
-        mod, paths = scheduled_module(spec, target, sched_data)
+        mod, paths = scheduled_module(spec, target, sched_data, sched_record["file"])
         progress(f"[2/5] compiling {len(mod.functions)} functions for {target.tvm}")
         ex = compile_module(mod, target)
         progress("[3/5] exporting the shared library" + (" (nvcc)" if target.family == "cuda" else ""))

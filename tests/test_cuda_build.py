@@ -742,5 +742,5 @@ def test_fused_routing_routes_in_the_kernel(tmp_path):
            "vector_loads": True, "sort": False, "decode_unroll": 8, "fused": True, "fused_routing": True}
     sched = tmp_path / "w.yaml"
     sched.write_text(yaml.safe_dump({"paths": [{"name": "d", "max_rows_per_expert": None, "experts": cfg}]}))
-    with pytest.raises(ScheduleError, match="fused_routing: 256 experts need 256 threads, the block has 64"):
+    with pytest.raises(ScheduleError, match="schedules file w.yaml: .*fused_routing: 256 experts need 256 threads, the block has 64"):
         build(spec, "cuda-sm90", tmp_path / "w", golden=False, schedules=sched)
