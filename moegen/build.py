@@ -118,10 +118,9 @@ def scheduled_module(spec: MoESpec, target: TargetInfo, schedule: dict | None = 
         bm = cfg.block_m
         name = p["name"]
         y_dtype = spec.dtype if cfg.y_model_dtype else "float32"  # the down GEMM's scratch rows
-        if cfg.fused_routing:  # the fused decode kernel routes its token itself: no routing kernel
-            pass
-        elif not cfg.sort:  # routing writes the dispatch buffers: no dispatch kernel
-            funcs[f"route_dispatch_{name}"] = routing(f"route_dispatch_{name}", dispatch=True)
+        if not cfg.sort:  # routing writes the dispatch buffers: no dispatch kernel
+            if not cfg.fused_routing:  # (a fused kernel that routes its token itself needs no routing kernel)
+                funcs[f"route_dispatch_{name}"] = routing(f"route_dispatch_{name}", dispatch=True)
         elif cfg.dispatch_tile:  # GPUs: count, scan and place kernels over tiles of slots (kernels/dispatch.py)
             for part, func in zip(("count", "scan", "place"), kd.dispatch_tiles_funcs(
                     spec.num_experts, spec.local_experts, spec.top_k, bm, cfg.dispatch_threads, cfg.dispatch_tile)):

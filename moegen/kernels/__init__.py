@@ -11,3 +11,11 @@ import tvm
 def token_var(name: str = "T") -> "tvm.tirx.Var":
     """A fresh symbolic token count (created outside the prim_func, as TVMScript needs)."""
     return tvm.tirx.Var(name, "int64")
+
+
+VECTOR_BYTES = 16  # one 128-bit weight load per thread (the GPU decode kernels)
+
+
+def vector_elems(dtype: str) -> int:
+    """Elements of `dtype` in one VECTOR_BYTES load."""
+    return VECTOR_BYTES // (4 if dtype == "float32" else 2)

@@ -1,5 +1,5 @@
 """The decode path's experts in one GPU kernel: up GEMV, activation, down GEMV and the sum over top-k.
-Twin: `moegen.reference.experts_fused_ref` (experts_up_ref -> experts_down_ref -> combine_ref, unsorted).
+Twin: `moegen.reference.experts_fused_ref` (experts_up_ref -> experts_down_ref, which sums over top-k, unsorted).
 
 Shape legend: T tokens (symbolic), K top-k, S = T*K slots, El local experts, Hp padded hidden, Hx the
 columns of x the up GEMV reads, I intermediate per rank, N13 = 2I (gated) or I (relu2), BNu / BNd the packed
@@ -29,12 +29,9 @@ from dataclasses import dataclass
 
 from tvm.script import tirx as T
 
-from . import token_var
+from . import token_var, vector_elems
 from .experts import ExpertShapes, _act
 from .routing import RankRouter, _rank_route
-
-VECTOR_BYTES = 16  # one weight load
-
 
 @dataclass(frozen=True)
 class FusedTile:
@@ -51,12 +48,17 @@ class FusedTile:
     interleave: bool = False
 
 
+def tile_intermediates(s: ExpertShapes, block_n_up: int) -> int:
+    """HALF, the intermediates one packed w13 tile makes (gated: half its columns are gate, half up)."""
+    return block_n_up // 2 if s.gated else block_n_up
+
+
 def fused_split(s: ExpertShapes, tile: FusedTile) -> tuple[int, int, int]:
     """(NTH threads, R threads per down column group, P passes over the column groups)."""
-    v = VECTOR_BYTES // _bytes(s.dtype)
+    v = vector_elems(s.dtype)
     nth = tile.split_k * tile.block_n_up // v
     groups = s.hidden // v
-    half = tile.block_n_up // 2 if s.gated else tile.block_n_up
+    half = tile_intermediates(s, tile.block_n_up)
     r = 1
     while r * 2 * groups <= nth and half % (r * 2 * tile.unroll) == 0:
         r *= 2
@@ -66,8 +68,8 @@ def fused_split(s: ExpertShapes, tile: FusedTile) -> tuple[int, int, int]:
 
 def fused_tile_ok(s: ExpertShapes, tile: FusedTile) -> str | None:
     """Why the fused kernel cannot take this layer with this tile (None: it can)."""
-    v = VECTOR_BYTES // _bytes(s.dtype)
-    half = tile.block_n_up // 2 if s.gated else tile.block_n_up
+    v = vector_elems(s.dtype)
+    half = tile_intermediates(s, tile.block_n_up)
     if tile.block_n_up % v or tile.block_n_down % v or s.n13 % tile.block_n_up or s.hidden % tile.block_n_down:
         return (f"block_n_up {tile.block_n_up} / block_n_down {tile.block_n_down} must be multiples of {v} "
                 f"dividing N13 {s.n13} / Hp {s.hidden}")
@@ -75,7 +77,7 @@ def fused_tile_ok(s: ExpertShapes, tile: FusedTile) -> str | None:
         return f"split_k {tile.split_k} x decode_unroll {tile.unroll} must divide Hx {s.hx}"
     if half % tile.unroll:
         return f"decode_unroll {tile.unroll} must divide the {half} intermediates of a w13 tile"
-    nth = tile.split_k * tile.block_n_up // v
+    nth = fused_split(s, tile)[0]
     if nth > 1024:
         return f"split_k {tile.split_k} x block_n_up {tile.block_n_up} / {v}: {nth} threads, more than 1024"
     if tile.block_n_up > nth:
@@ -91,10 +93,6 @@ def fused_routing_ok(s: ExpertShapes, tile: FusedTile, router: RankRouter) -> st
     return None
 
 
-def _bytes(dtype: str) -> int:
-    return 4 if dtype == "float32" else 2
-
-
 def experts_fused_func(s: ExpertShapes, tile: FusedTile, router: RankRouter | None = None):
     """PrimFunc `experts_fused(x [T, Hx], topk_weights [T, K] f32, block_expert [S] i32, w13p, b13p, w2p, b2p,
     acc [T, Hp] f32, count [1] i32, out [T, Hp])` (see the module docstring). acc and count are zero on
@@ -105,10 +103,10 @@ def experts_fused_func(s: ExpertShapes, tile: FusedTile, router: RankRouter | No
     if why is not None:
         raise ValueError(f"experts_fused: {why}")
     f_dt, f_El, f_K, f_H, f_HX, f_I = s.dtype, s.local_experts, s.top_k, s.hidden, s.hx, s.intermediate
-    f_V = VECTOR_BYTES // _bytes(f_dt)
+    f_V = vector_elems(f_dt)
     f_BNU, f_BND, f_SK, f_U = tile.block_n_up, tile.block_n_down, tile.split_k, tile.unroll
     f_gated, f_woi, f_bias = s.gated, s.weight_on_input, s.expert_bias
-    f_HALF = f_BNU // 2 if f_gated else f_BNU
+    f_HALF = tile_intermediates(s, f_BNU)
     f_NT13, f_NT2 = s.n13 // f_BNU, f_H // f_BND
     f_act, f_alpha, f_limit = s.activation, s.swiglu_alpha, s.swiglu_limit
     f_NTH, f_R, f_P = fused_split(s, tile)

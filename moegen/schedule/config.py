@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from ..kernels import VECTOR_BYTES, vector_elems
 from ..kernels.experts import ExpertShapes
 
 SCHEDULES_DIR = Path(__file__).resolve().parents[2] / "schedules"
@@ -312,7 +313,6 @@ def _wgmma_ok(cfg: ExpertsConfig, shapes: ExpertShapes) -> str | None:
     return None
 
 
-VECTOR_BYTES = 16  # one 128-bit load per thread
 DECODE_PREFETCH = ("none", "up", "down", "both")  # ExpertsConfig.decode_prefetch
 
 
@@ -326,7 +326,7 @@ DECODE_OTHER_REGISTERS = 24  # what a decode thread needs besides its loads (8 s
 
 
 def _vector_ok(cfg: ExpertsConfig, shapes: ExpertShapes) -> str | None:
-    vec = VECTOR_BYTES // (4 if shapes.dtype == "float32" else 2)
+    vec = vector_elems(shapes.dtype)
     if cfg.block_m != 1 or cfg.split_k < 2:
         return f"vector_loads needs block_m 1 and split_k > 1, not block_m {cfg.block_m} split_k {cfg.split_k}"
     if not 1 <= cfg.decode_unroll <= DECODE_UNROLL_MAX:
@@ -409,9 +409,10 @@ def fit_config(cfg: ExpertsConfig, shapes: ExpertShapes) -> ExpertsConfig:
         # (schedule.cuda.FP32_BROADCAST): the fused kernel stages x * w in shared memory instead
         fitted = dataclasses.replace(fitted, fused=True)
     if fitted.fused:  # loads in flight: a divisor of the up GEMV's rows per thread and of a tile's intermediates
-        half = fitted.block_n_up // 2 if shapes.gated else fitted.block_n_up
+        from ..kernels.experts_fused import tile_intermediates
+
         fitted = dataclasses.replace(fitted, decode_unroll=fit_divisor(
-            math.gcd(shapes.hx // fitted.split_k, half), fitted.decode_unroll))
+            math.gcd(shapes.hx // fitted.split_k, tile_intermediates(shapes, fitted.block_n_up)), fitted.decode_unroll))
         if config_ok(fitted, shapes) is not None:
             fitted = dataclasses.replace(fitted, fused=False, decode_interleave=False,  # widths it cannot take: unfused
                                          fused_routing=False)
